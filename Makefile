@@ -1,0 +1,49 @@
+# husk's build and test entry points. Every target installs what it needs (apt-get, rustup).
+SHELL := /bin/bash
+CARGO ?= cargo
+MUSL := x86_64-unknown-linux-musl
+AGENT := target/$(MUSL)/release/husk-agent
+
+.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest test-e2e test demo clean
+
+all: build
+
+deps-rust:
+	@source scripts/lib.sh && need_pkgs build-essential pkg-config && need_rust_target $(MUSL)
+
+build: deps-rust
+	$(CARGO) build --workspace
+
+fmt-check:
+	$(CARGO) fmt --all --check
+
+clippy: deps-rust
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Unit and per-crate integration tests (root-only tests run too: CI is root).
+unit: deps-rust
+	$(CARGO) test --workspace --exclude husk-e2e
+
+# The guest kernel, built from Debian's linux-source with kernel-config/'s fragment; cached.
+guest-kernel:
+	kernel-config/build
+
+# husk-agent as a static binary: it is /init of the guest.
+agent: deps-rust
+	$(CARGO) build --release --target $(MUSL) -p husk-agent
+
+# Kernel + initramfs: target/guest/vmlinux and target/guest/initramfs.cpio.gz.
+guest: guest-kernel agent
+	guest-agent/initramfs/build $(AGENT)
+
+# End-to-end tests: they need a real KVM and run inside the test host.
+test-e2e: guest build
+	tests/e2e/run
+
+test: fmt-check clippy unit test-e2e
+
+demo: guest
+	tests/demo
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1 @@
+//! Shared support for husk's end-to-end tests.
