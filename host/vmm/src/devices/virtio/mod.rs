@@ -1,0 +1,336 @@
+//! virtio 1.x devices on the virtio-mmio transport.
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] runs the register interface and
+//! status state machine and hands the device its queues at DRIVER_OK. Device-specific code lives in
+//! one folder per device.
+
+pub mod mmio;
+pub mod rng;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{Address, GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMem;
+
+/// Feature bit: virtio 1.x ("modern") device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device type: block.
+pub const TYPE_BLOCK: u32 = 2;
+/// Device type: entropy source.
+pub const TYPE_RNG: u32 = 4;
+/// Device type: vsock.
+pub const TYPE_VSOCK: u32 = 19;
+
+/// InterruptStatus bit: a used buffer was added.
+pub const INT_USED_RING: u32 = 1;
+/// InterruptStatus bit: the configuration (or status) changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt line: the InterruptStatus register plus the irqfd.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::error!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// Signals that used buffers were added to a queue.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Signals a configuration or status change (NEEDS_RESET).
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the given bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears every bit (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device receives when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// The queues, as configured by the driver, in index order.
+    pub queues: Vec<Queue>,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Errors a device reports to its transport; they put the device in NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device got a queue index it does not have.
+    #[error("queue {0} does not exist")]
+    NoSuchQueue(usize),
+    /// The device was given the wrong number of queues.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues given.
+        got: usize,
+    },
+    /// A ring could not be accessed (its address is outside guest memory).
+    #[error("virtqueue access failed: {0}")]
+    Queue(virtio_queue::Error),
+    /// A host-side I/O error the device cannot recover from.
+    #[error("device I/O error: {0}")]
+    Io(std::io::Error),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// virtio device type.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device configuration space; bytes outside it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space; devices without writable config ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::warn!(
+            "ignored write of {} bytes at config offset {offset} to device type {}",
+            data.len(),
+            self.device_type()
+        );
+    }
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError>;
+    /// Stops the device and forgets its queues (the driver wrote 0 to Status).
+    fn reset(&mut self);
+    /// The driver notified queue `index`.
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError>;
+    /// A file descriptor to poll for back-end events, if the device has one.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The back-end file descriptor is ready.
+    fn process_backend(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// One descriptor of a chain, copied out of guest memory once and validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest address of the buffer.
+    pub addr: GuestAddress,
+    /// Length of the buffer.
+    pub len: u32,
+    /// Whether the device writes it.
+    pub write: bool,
+}
+
+/// Why a descriptor chain was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// A buffer is not entirely inside guest memory.
+    #[error("descriptor buffer 0x{addr:x}+0x{len:x} is outside guest memory")]
+    OutOfRange {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("readable descriptor after a writable one")]
+    WrongOrder,
+    /// The chain is longer than the device accepts.
+    #[error("descriptor chain longer than {0} bytes")]
+    TooLong(u64),
+    /// The chain has too many descriptors.
+    #[error("descriptor chain has more than {0} descriptors")]
+    TooManyDescriptors(usize),
+}
+
+/// Walks `chain` (loops and indirect tables are bounded by virtio-queue's iterator) and checks
+/// every buffer: inside guest memory, readable ones first, total length and count bounded.
+pub fn collect_chain<M>(
+    chain: DescriptorChain<M>,
+    max_total: u64,
+    max_descs: usize,
+) -> Result<Vec<Desc>, ChainError>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
+    let mut descs: Vec<Desc> = Vec::new();
+    let mut total: u64 = 0;
+    let mut seen_write = false;
+    // Clone the chain handle so `mem` stays borrowed from the original.
+    for d in chain.clone() {
+        if descs.len() >= max_descs {
+            return Err(ChainError::TooManyDescriptors(max_descs));
+        }
+        let desc = Desc {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+        };
+        if desc.len != 0 && !mem.check_range(desc.addr, desc.len as usize) {
+            return Err(ChainError::OutOfRange {
+                addr: desc.addr.raw_value(),
+                len: desc.len,
+            });
+        }
+        if desc.write {
+            seen_write = true;
+        } else if seen_write {
+            return Err(ChainError::WrongOrder);
+        }
+        total = total.saturating_add(u64::from(desc.len));
+        if total > max_total {
+            return Err(ChainError::TooLong(max_total));
+        }
+        descs.push(desc);
+    }
+    Ok(descs)
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    //! Helpers shared by the device tests: guest memory and a mock split queue.
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// 1 MiB of guest memory at address 0.
+    pub fn test_memory() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// An eventfd-backed interrupt to observe signals.
+    pub fn test_interrupt() -> Arc<Interrupt> {
+        Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_utils::*;
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+
+    fn raw(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    #[test]
+    fn valid_chain_is_collected_in_order() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[
+            raw(0x1000, 16, VRING_DESC_F_NEXT, 1),
+            raw(0x2000, 32, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let descs = collect_chain(chain, 1 << 20, 16).unwrap();
+        assert_eq!(descs.len(), 2);
+        assert!(!descs[0].write && descs[1].write);
+    }
+
+    #[test]
+    fn buffer_outside_memory_is_rejected() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[raw(0xff000, 0x2000, 0, 0)]).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert!(matches!(
+            collect_chain(chain, 1 << 20, 16),
+            Err(ChainError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn readable_after_writable_is_rejected() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[
+            raw(0x1000, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+            raw(0x2000, 16, 0, 0),
+        ])
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert_eq!(
+            collect_chain(chain, 1 << 20, 16),
+            Err(ChainError::WrongOrder)
+        );
+    }
+
+    #[test]
+    fn oversized_chain_is_rejected() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[raw(0x1000, 0x8000, 0, 0)]).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert_eq!(
+            collect_chain(chain, 0x4000, 16),
+            Err(ChainError::TooLong(0x4000))
+        );
+    }
+
+    #[test]
+    fn looping_chain_terminates() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&mem, 4);
+        // Descriptor 0 -> 1 -> 0 -> ... : the iterator stops after queue-size descriptors.
+        vq.desc_table()
+            .store(0, raw(0x1000, 8, VRING_DESC_F_NEXT, 1))
+            .unwrap();
+        vq.desc_table()
+            .store(1, raw(0x2000, 8, VRING_DESC_F_NEXT, 0))
+            .unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let result = collect_chain(chain, 1 << 20, 64);
+        assert!(result.map(|d| d.len() <= 4).unwrap_or(true));
+    }
+}
