@@ -49,9 +49,8 @@ impl TerminationSignals {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` is a freshly created, valid file descriptor owned by nobody else.
-        Ok(TerminationSignals {
-            fd: unsafe { File::from_raw_fd(fd) },
-        })
+        let fd = unsafe { File::from_raw_fd(fd) };
+        Ok(TerminationSignals { fd })
     }
 
     /// Reads one pending signal; returns its number.
