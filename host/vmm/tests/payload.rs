@@ -1,6 +1,7 @@
 //! Payload tests: tiny hand-assembled guests booted through the real PVH path (an ELF with a
 //! PVH note, loaded by husk-vmm) on whatever /dev/kvm the machine has, PVM included.
 //! They need root and /dev/kvm, and fail loudly without them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
 use std::io::Write;
 use std::path::PathBuf;
