@@ -1,0 +1,73 @@
+//! The command line: runc's global flags, one subcommand per verb (each in `commands/`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::{check, features, list, spec, state};
+use crate::config::DEFAULT_CONFIG_PATH;
+use crate::logging::LogFormat;
+
+/// The default `--root`: where container state lives (a tmpfs on most hosts, as for runc).
+pub const DEFAULT_ROOT: &str = "/run/husk";
+
+/// husk: an OCI runtime that runs each container in its own KVM microVM.
+#[derive(Debug, Parser)]
+#[command(name = "husk", version, propagate_version = true)]
+pub struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_ROOT)]
+    pub root: PathBuf,
+
+    /// Write log lines to FILE (appended) instead of standard error.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+
+    /// Format of log lines.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
+
+    /// Log debug messages too.
+    #[arg(long, global = true)]
+    pub debug: bool,
+
+    /// husk's configuration file. When this flag is not given and the default file does not
+    /// exist, built-in defaults apply; a file named with this flag must exist.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The configuration file to read, and whether the user named it explicitly.
+    pub fn config_path(&self) -> (PathBuf, bool) {
+        match &self.config {
+            Some(path) => (path.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        }
+    }
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Tell whether this host can run husk (KVM, guest kernel, husk-vmm, cgroup v2), and what to
+    /// do if not; print the effective configuration; optionally validate a bundle.
+    Check(check::Args),
+    /// Print the OCI features document: what husk supports.
+    Features(features::Args),
+    /// List the containers under --root.
+    List(list::Args),
+    /// Create a new specification file (config.json) in the bundle.
+    Spec(spec::Args),
+    /// Print the state of a container as OCI state JSON.
+    State(state::Args),
+}

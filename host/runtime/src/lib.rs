@@ -1,0 +1,14 @@
+//! husk's OCI runtime: a runc-compatible command line that runs each container in its own
+//! microVM. The library holds everything the `husk` binary does; `main.rs` only parses, logs and
+//! maps errors to exit statuses.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod bundle;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod exit;
+pub mod host;
+pub mod id;
+pub mod logging;
+pub mod store;
