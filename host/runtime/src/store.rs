@@ -101,7 +101,8 @@ impl Record {
         if live {
             let alive = state
                 .pid()
-                .is_some_and(|pid| process_start_time(pid) == self.pid_start_time);
+                .and_then(process_start_time)
+                .is_some_and(|started| self.pid_start_time == Some(started));
             if !alive {
                 state.set_status(ContainerState::Stopped);
             }
@@ -565,6 +566,9 @@ mod tests {
         let mut reused = record("a", ContainerState::Running, Some(me));
         reused.pid_start_time = reused.pid_start_time.map(|t| t + 1);
         assert_eq!(*reused.current_state().status(), ContainerState::Stopped);
+        let dead = record("a", ContainerState::Running, Some(i32::MAX));
+        assert_eq!(dead.pid_start_time, None);
+        assert_eq!(*dead.current_state().status(), ContainerState::Stopped);
         let no_pid = record("a", ContainerState::Created, None);
         assert_eq!(*no_pid.current_state().status(), ContainerState::Stopped);
     }

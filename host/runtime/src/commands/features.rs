@@ -1,9 +1,11 @@
 //! `husk features`: the OCI features document (runtime-spec `features.md`): what husk supports.
 //!
 //! Containers run inside the guest, created by husk-agent, so this states what the agent honours
-//! (issue 4's scope: namespaces pid, mount, ipc, uts and the sandbox's network; cgroup v2;
-//! capabilities; seccomp; no hooks, no AppArmor, no SELinux). Keep it in step with the agent's spec
-//! validation: a field the agent rejects must not be listed here.
+//! (guest-agent/src/spec.rs, mountopts.rs, seccomp.rs): namespaces pid, mount, ipc, uts, cgroup
+//! and the sandbox's network (no user or time namespaces, no joining by path); cgroup v2 only;
+//! every capability of the guest kernel; seccomp without SCMP_ACT_NOTIFY. No hooks (they run on
+//! the host and husk does not run them yet), no AppArmor, no SELinux. Keep it in step with the
+//! agent's validation: a field the agent rejects must not be listed here.
 
 use std::collections::HashMap;
 
@@ -22,11 +24,12 @@ pub const OCI_VERSION_MAX: &str = oci_spec::runtime::VERSION;
 
 /// Namespaces a container can have. `network` is the sandbox's: every container of a microVM
 /// shares the guest's network namespace.
-pub const NAMESPACES: [LinuxNamespaceType; 5] = [
+pub const NAMESPACES: [LinuxNamespaceType; 6] = [
     LinuxNamespaceType::Pid,
     LinuxNamespaceType::Mount,
     LinuxNamespaceType::Ipc,
     LinuxNamespaceType::Uts,
+    LinuxNamespaceType::Cgroup,
     LinuxNamespaceType::Network,
 ];
 
@@ -133,6 +136,9 @@ pub const SECCOMP_OPERATORS: &[&str] = &[
     "SCMP_CMP_MASKED_EQ",
 ];
 
+/// Seccomp filter flags.
+pub const SECCOMP_FLAGS: &[&str] = &["SECCOMP_FILTER_FLAG_TSYNC"];
+
 /// The annotation carrying husk's version (like runc's `org.opencontainers.runc.version`).
 pub const VERSION_ANNOTATION: &str = "io.husk.runtime.version";
 
@@ -235,7 +241,7 @@ mod tests {
         assert_eq!(linux["seccomp"]["enabled"], true);
         assert_eq!(
             linux["namespaces"],
-            serde_json::json!(["pid", "mount", "ipc", "uts", "network"])
+            serde_json::json!(["pid", "mount", "ipc", "uts", "cgroup", "network"])
         );
         assert!(linux["seccomp"]["actions"]
             .as_array()
