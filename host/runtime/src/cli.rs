@@ -47,6 +47,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// `--root` made absolute (relative to the current directory), as runc does.
+    pub fn root(&self) -> PathBuf {
+        std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone())
+    }
+
     /// The configuration file to read, and whether the user named it explicitly.
     pub fn config_path(&self) -> (PathBuf, bool) {
         match &self.config {

@@ -25,7 +25,10 @@ pub const INITRAMFS_FILE: &str = "initramfs.cpio.gz";
 pub const VMM_BINARY: &str = "husk-vmm";
 
 /// Hard bounds on the `[limits]` keys themselves.
-const MAX_VCPUS_CEILING: u32 = 254;
+/// husk-vmm's own limit (`--vcpus 1..=32`).
+const MAX_VCPUS_CEILING: u32 = 32;
+/// The smallest console cap accepted, so a boot log always fits.
+const MIN_CONSOLE_BYTES: u64 = 64 * 1024;
 const MAX_MEMORY_MIB_CEILING: u32 = 1024 * 1024;
 const MIN_MEMORY_MIB_FLOOR: u32 = 32;
 const MAX_OVERHEAD_MIB: u32 = 64 * 1024;
@@ -120,6 +123,7 @@ struct FileVm {
 #[serde(deny_unknown_fields, default)]
 struct FileConsole {
     log_dir: Option<PathBuf>,
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +182,9 @@ pub struct VmConfig {
 pub struct ConsoleConfig {
     /// Directory of the per-container console logs (`<log_dir>/<id>.log`).
     pub log_dir: PathBuf,
+    /// Size cap of one console log in bytes (husk-vmm `--console-max-bytes`); output beyond
+    /// it is discarded, so a guest printing forever cannot fill the disk.
+    pub max_bytes: u64,
 }
 
 /// `[limits]`: bounds on what a spec may ask for.
@@ -197,6 +204,7 @@ pub mod defaults {
     pub const MEMORY_MIB: u32 = 256;
     pub const MEMORY_OVERHEAD_MIB: u32 = 64;
     pub const CONSOLE_LOG_DIR: &str = "/var/log/husk";
+    pub const CONSOLE_MAX_BYTES: u64 = 16 * 1024 * 1024;
     pub const MAX_VCPUS: u32 = 16;
     pub const MIN_MEMORY_MIB: u32 = 128;
     pub const MAX_MEMORY_MIB: u32 = 16 * 1024;
@@ -378,6 +386,17 @@ fn resolve(
     let log_dir = absolute("console.log_dir", file.console.log_dir)?
         .unwrap_or_else(|| PathBuf::from(defaults::CONSOLE_LOG_DIR));
 
+    let max_bytes = file
+        .console
+        .max_bytes
+        .unwrap_or(defaults::CONSOLE_MAX_BYTES);
+    if max_bytes < MIN_CONSOLE_BYTES {
+        return Err(invalid(
+            "console.max_bytes",
+            format!("{max_bytes} is below the minimum of {MIN_CONSOLE_BYTES} bytes"),
+        ));
+    }
+
     let limits = Limits {
         max_vcpus: file.limits.max_vcpus.unwrap_or(defaults::MAX_VCPUS),
         min_memory_mib: file
@@ -438,7 +457,7 @@ fn resolve(
         guest: GuestConfig { kernel, initramfs },
         vmm: VmmConfig { path: vmm },
         vm,
-        console: ConsoleConfig { log_dir },
+        console: ConsoleConfig { log_dir, max_bytes },
         limits,
         origin,
     })
@@ -511,7 +530,7 @@ mod tests {
         let config = resolve_text(
             "[guest]\nkernel = \"/k\"\ninitramfs = \"/i\"\n[vmm]\npath = \"/v\"\n\
              [vm]\nvcpus = 2\nmemory_mib = 512\nmemory_overhead_mib = 32\n\
-             [console]\nlog_dir = \"/l\"\n[limits]\nmax_vcpus = 4\nmin_memory_mib = 64\nmax_memory_mib = 1024\n",
+             [console]\nlog_dir = \"/l\"\nmax_bytes = 1048576\n[limits]\nmax_vcpus = 4\nmin_memory_mib = 64\nmax_memory_mib = 1024\n",
         )
         .unwrap();
         assert_eq!(config.guest.kernel, Path::new("/k"));
@@ -526,6 +545,7 @@ mod tests {
             }
         );
         assert_eq!(config.console.log_dir, Path::new("/l"));
+        assert_eq!(config.console.max_bytes, 1_048_576);
         assert_eq!(
             config.limits,
             Limits {
@@ -573,6 +593,16 @@ mod tests {
         let message = error("[guest]\nkernel = \"vmlinux\"\n");
         assert!(message.contains("key `guest.kernel`"), "{message}");
         assert!(message.contains("not an absolute path"), "{message}");
+    }
+
+    #[test]
+    fn tiny_console_cap_is_rejected() {
+        assert!(error("[console]\nmax_bytes = 10\n").contains("key `console.max_bytes`"));
+    }
+
+    #[test]
+    fn vcpu_limit_above_the_monitors_is_rejected() {
+        assert!(error("[limits]\nmax_vcpus = 33\n").contains("key `limits.max_vcpus`"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub enum KvmKind {
     Missing,
     /// `/dev/kvm` exists but cannot be opened read-write.
     NoAccess(String),
-    /// `/dev/kvm` exists but the CPU shows neither VMX nor SVM and no known KVM module is loaded.
+    /// `/dev/kvm` exists but the CPU shows neither VMX nor SVM.
     Unknown,
 }
 
@@ -70,17 +70,18 @@ pub fn cpu_flags(cpuinfo: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Judges the KVM facts. PVM wins over everything else: with `kvm_pvm` loaded, /dev/kvm is PVM's.
+/// Judges the KVM facts like husk-vmm's own start-up check: PVM wins over everything else (with
+/// `kvm_pvm` loaded, /dev/kvm is PVM's); otherwise the CPU must show `vmx` or `svm`.
 pub fn classify_kvm(facts: &KvmFacts) -> KvmKind {
     let has = |name: &str| facts.modules.iter().any(|m| m == name);
     match &facts.dev_kvm {
         None => KvmKind::Missing,
         Some(Err(reason)) => KvmKind::NoAccess(reason.clone()),
         Some(Ok(())) if has("kvm_pvm") => KvmKind::Pvm,
-        Some(Ok(())) if facts.vmx || has("kvm_intel") => KvmKind::Hardware {
+        Some(Ok(())) if facts.vmx => KvmKind::Hardware {
             extension: "VMX (Intel VT-x)",
         },
-        Some(Ok(())) if facts.svm || has("kvm_amd") => KvmKind::Hardware {
+        Some(Ok(())) if facts.svm => KvmKind::Hardware {
             extension: "SVM (AMD-V)",
         },
         Some(Ok(())) => KvmKind::Unknown,
@@ -245,7 +246,7 @@ mod tests {
             KvmKind::NoAccess("denied".into())
         );
         assert_eq!(
-            classify_kvm(&facts(Some(Ok(())), false, false, &[])),
+            classify_kvm(&facts(Some(Ok(())), false, false, &["kvm_intel"])),
             KvmKind::Unknown
         );
     }

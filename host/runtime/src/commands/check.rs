@@ -88,7 +88,7 @@ pub fn kvm_item(kind: &KvmKind) -> Item {
         KvmKind::Unknown => Item::fail(
             NAME,
             format!(
-                "{} exists but the CPU shows neither vmx nor svm and no kvm_intel/kvm_amd module is loaded",
+                "{} exists but the CPU shows neither vmx nor svm: a standard guest cannot run at a usable speed",
                 host::DEV_KVM
             ),
             NEED_HARDWARE_KVM,
@@ -237,7 +237,7 @@ pub fn report(items: &[Item], config: &Config) -> String {
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let (path, explicit) = cli.config_path();
     let config = config::load(&path, explicit, &Discovery::from_process()?)?;
-    let items = items(&config, &cli.root, args.bundle.as_deref());
+    let items = items(&config, &cli.root(), args.bundle.as_deref());
     super::print(&report(&items, &config))?;
     Ok(if items.iter().all(|item| item.ok) {
         exit::SUCCESS

@@ -138,7 +138,7 @@ fn display(path: &Path) -> String {
 
 /// Runs `husk list`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
-    let entries = entries(&Store::new(&cli.root))?;
+    let entries = entries(&Store::new(cli.root()))?;
     let text = if args.quiet {
         entries.iter().map(|e| format!("{}\n", e.id)).collect()
     } else {

@@ -25,7 +25,7 @@ pub fn state_json(store: &Store, id: &ContainerId) -> Result<String, CommandErro
 /// Runs `husk state`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
-    let json = state_json(&Store::new(&cli.root), &id)?;
+    let json = state_json(&Store::new(cli.root()), &id)?;
     super::print(&format!("{json}\n"))?;
     Ok(exit::SUCCESS)
 }
