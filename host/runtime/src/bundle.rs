@@ -169,7 +169,8 @@ pub fn parse_spec(path: &Path, bytes: &[u8]) -> Result<Spec, BundleError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let spec: Spec = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let at = err.path().to_string();
-        let at = if at.is_empty() || at == "." {
+        // serde_path_to_error writes "." for the top level and "?" where it does not know.
+        let at = if at.is_empty() || at == "." || at == "?" {
             String::new()
         } else {
             format!("at {at}: ")
@@ -349,6 +350,16 @@ mod tests {
         let message = load(dir.path()).unwrap_err().to_string();
         assert!(message.contains("at process.args[1]"), "{message}");
         assert!(message.contains("invalid type: integer `3`"), "{message}");
+    }
+
+    #[test]
+    fn truncated_json_has_no_bogus_path() {
+        let dir = bundle_with("{\n \"ociVersion\": \"1.0.2\",\n");
+        let message = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            message.contains("line 3, column 0: EOF while parsing"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -171,7 +171,12 @@ fn bundle_item(dir: &Path) -> Item {
                 bundle.rootfs.display()
             ),
         ),
-        Err(err) => Item::fail("bundle", err.to_string(), "fix the bundle"),
+        Err(err) => Item {
+            name: "bundle",
+            ok: false,
+            detail: err.to_string(),
+            advice: None,
+        },
     }
 }
 
