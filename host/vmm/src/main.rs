@@ -46,6 +46,17 @@ struct Args {
     /// Size cap of the console file in bytes; output beyond it is discarded (not applied to "-").
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     console_max_bytes: u64,
+    /// A virtio-blk disk backed by a raw image; ",ro" makes it read-only. Repeatable: the guest
+    /// sees them as /dev/vda, /dev/vdb, ... in order.
+    #[arg(long, value_name = "PATH[,ro]")]
+    block: Vec<husk_vmm::devices::virtio::block::BlockConfig>,
+    /// Host side of virtio-vsock (Firecracker-compatible): clients connect to PATH and send
+    /// "CONNECT <port>\n"; guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "PATH", requires = "guest_cid")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID (3 ..= 2^32-2); needs --vsock-uds.
+    #[arg(long, value_name = "N", requires = "vsock_uds")]
+    guest_cid: Option<u64>,
     /// Do not add the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
@@ -79,6 +90,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         console_cap: is_file.then_some(args.console_max_bytes),
         allow_emulated_kvm: args.allow_emulated_kvm,
         rng: !args.no_rng,
+        blocks: args.block,
+        vsock: args
+            .vsock_uds
+            .zip(args.guest_cid)
+            .map(
+                |(uds_path, guest_cid)| husk_vmm::devices::virtio::vsock::VsockConfig {
+                    uds_path,
+                    guest_cid,
+                },
+            ),
     };
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,

@@ -17,7 +17,9 @@ use crate::arch::{cpuid, mptable, regs, MAX_VCPUS};
 use crate::boot::{self, BootError};
 use crate::device_manager::{DeviceManager, DeviceManagerError, VirtioEntry};
 use crate::devices::serial::ConsoleWriter;
+use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::Bus;
 use crate::exit::{ExitCode, ExitHandle, VmExit};
 use crate::host_check::{check_host_kvm, HostCheckError};
@@ -46,6 +48,10 @@ pub struct VmConfig {
     pub allow_emulated_kvm: bool,
     /// Add a virtio-rng device.
     pub rng: bool,
+    /// virtio-blk devices, in order (the guest sees them as vda, vdb, ...).
+    pub blocks: Vec<BlockConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Errors while building or running a VM.
@@ -91,6 +97,12 @@ pub enum VmError {
         /// The error.
         err: std::io::Error,
     },
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(crate::devices::virtio::vsock::VsockError),
     /// Host I/O (eventfd, epoll, threads).
     #[error("{what}: {err}")]
     Io {
@@ -109,7 +121,7 @@ impl VmError {
             VmError::Boot(BootError::Cmdline(_)) | VmError::BadVcpus(_) => ExitCode::Usage,
             VmError::Boot(_) => ExitCode::BadImage,
             VmError::Memory(MemoryError::BadSize(_)) => ExitCode::Usage,
-            VmError::DeviceSetup { .. } => ExitCode::BadImage,
+            VmError::DeviceSetup { .. } | VmError::Block(_) => ExitCode::BadImage,
             _ => ExitCode::InternalError,
         }
     }
@@ -212,6 +224,14 @@ impl Vm {
                 err,
             })?;
             dm.add_virtio(&vm_fd, &mem, Box::new(rng))?;
+        }
+        for block in &config.blocks {
+            let dev = Block::open(block)?;
+            dm.add_virtio(&vm_fd, &mem, Box::new(dev))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let dev = Vsock::new(vsock).map_err(VmError::Vsock)?;
+            dm.add_virtio(&vm_fd, &mem, Box::new(dev))?;
         }
 
         let cmdline = boot::build_cmdline(&dm.cmdline_entries(), &config.cmdline)?;

@@ -161,6 +161,8 @@ fn config(kernel: PathBuf, console: &Console, vcpus: u8) -> VmConfig {
         console_cap: None,
         allow_emulated_kvm: true,
         rng: true,
+        blocks: Vec::new(),
+        vsock: None,
     }
 }
 

@@ -173,13 +173,14 @@ impl MmioTransport {
         }
     }
 
-    /// The device's back end has events.
+    /// The device's back end has events. They are consumed even when the device is not running
+    /// (otherwise a level-triggered back-end fd would keep the event loop spinning).
     pub fn process_backend(&mut self) {
-        if !self.can_run() {
-            return;
-        }
-        if let Err(e) = self.device.process_backend() {
-            self.set_needs_reset(&e);
+        let result = self.device.process_backend();
+        if let Err(e) = result {
+            if self.can_run() {
+                self.set_needs_reset(&e);
+            }
         }
     }
 

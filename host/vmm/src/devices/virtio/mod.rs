@@ -4,15 +4,17 @@
 //! status state machine and hands the device its queues at DRIVER_OK. Device-specific code lives in
 //! one folder per device.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Address, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMem;
@@ -226,6 +228,108 @@ where
     Ok(descs)
 }
 
+/// A byte stream over some buffers of a chain (its readable or its writable part), with
+/// bounds-checked access at any offset. Guest memory is accessed only through vm-memory's
+/// checked accessors.
+#[derive(Debug, Clone)]
+pub struct DescBuf {
+    descs: Vec<Desc>,
+    len: u64,
+}
+
+impl DescBuf {
+    /// The device-readable part of `descs`.
+    pub fn readable(descs: &[Desc]) -> Self {
+        Self::from_iter(descs.iter().filter(|d| !d.write))
+    }
+
+    /// The device-writable part of `descs`.
+    pub fn writable(descs: &[Desc]) -> Self {
+        Self::from_iter(descs.iter().filter(|d| d.write))
+    }
+
+    fn from_iter<'a>(it: impl Iterator<Item = &'a Desc>) -> Self {
+        let descs: Vec<Desc> = it.copied().collect();
+        let len = descs.iter().map(|d| u64::from(d.len)).sum();
+        DescBuf { descs, len }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `f(guest_address, range_in_buf)` for each piece of `[offset, offset + n)`.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        n: usize,
+        mut f: impl FnMut(
+            GuestAddress,
+            std::ops::Range<usize>,
+        ) -> Result<(), vm_memory::GuestMemoryError>,
+    ) -> Result<(), BufError> {
+        let end = offset.checked_add(n as u64).ok_or(BufError::OutOfBounds)?;
+        if end > self.len {
+            return Err(BufError::OutOfBounds);
+        }
+        let mut pos: u64 = 0; // start of the current descriptor in the stream
+        let mut done: usize = 0;
+        for d in &self.descs {
+            let d_end = pos + u64::from(d.len);
+            if done < n && d_end > offset + done as u64 {
+                let start_in_desc = offset + done as u64 - pos;
+                let take = ((u64::from(d.len) - start_in_desc) as usize).min(n - done);
+                let addr = d
+                    .addr
+                    .checked_add(start_in_desc)
+                    .ok_or(BufError::OutOfBounds)?;
+                f(addr, done..done + take).map_err(BufError::Memory)?;
+                done += take;
+            }
+            pos = d_end;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the stream.
+    pub fn read_at(&self, mem: &GuestMem, offset: u64, buf: &mut [u8]) -> Result<(), BufError> {
+        let n = buf.len();
+        self.for_each_piece(offset, n, |addr, range| {
+            let piece = buf
+                .get_mut(range)
+                .ok_or(vm_memory::GuestMemoryError::InvalidBackendAddress)?;
+            mem.read_slice(piece, addr)
+        })
+    }
+
+    /// Writes `buf` at `offset` of the stream.
+    pub fn write_at(&self, mem: &GuestMem, offset: u64, buf: &[u8]) -> Result<(), BufError> {
+        self.for_each_piece(offset, buf.len(), |addr, range| {
+            let piece = buf
+                .get(range)
+                .ok_or(vm_memory::GuestMemoryError::InvalidBackendAddress)?;
+            mem.write_slice(piece, addr)
+        })
+    }
+}
+
+/// Errors of [`DescBuf`] accesses.
+#[derive(Debug, thiserror::Error)]
+pub enum BufError {
+    /// The access goes past the end of the buffers.
+    #[error("access past the end of the descriptor buffers")]
+    OutOfBounds,
+    /// Guest memory refused the access.
+    #[error("guest memory access failed: {0}")]
+    Memory(vm_memory::GuestMemoryError),
+}
+
 #[cfg(test)]
 pub(crate) mod test_utils {
     //! Helpers shared by the device tests: guest memory and a mock split queue.
@@ -254,6 +358,36 @@ mod tests {
 
     fn raw(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    #[test]
+    fn descbuf_reads_and_writes_across_descriptors() {
+        let mem = test_memory();
+        let descs = [
+            Desc {
+                addr: GuestAddress(0x1000),
+                len: 3,
+                write: true,
+            },
+            Desc {
+                addr: GuestAddress(0x2000),
+                len: 5,
+                write: true,
+            },
+        ];
+        let buf = DescBuf::writable(&descs);
+        assert_eq!(buf.len(), 8);
+        buf.write_at(&mem, 1, b"abcdef").unwrap();
+        let mut out = [0u8; 6];
+        buf.read_at(&mem, 1, &mut out).unwrap();
+        assert_eq!(&out, b"abcdef");
+        let mut tail = [0u8; 4];
+        mem.read_slice(&mut tail, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&tail, b"cdef");
+        assert!(matches!(
+            buf.write_at(&mem, 4, b"12345"),
+            Err(BufError::OutOfBounds)
+        ));
     }
 
     #[test]
