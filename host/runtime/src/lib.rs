@@ -11,4 +11,5 @@ pub mod exit;
 pub mod host;
 pub mod id;
 pub mod logging;
+pub mod sizing;
 pub mod store;

@@ -316,6 +316,45 @@ fn check_accepts_a_spec_generated_bundle() {
     );
     let run = husk(&root, &["check", "--bundle", bundle.to_str().unwrap()]);
     assert!(run.stdout.contains("ok    bundle: "), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("microVM of 1 vCPU and 320 MiB"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn check_sizes_the_microvm_from_the_spec_resources() {
+    let (dir, root) = sandbox();
+    let bundle = dir.path().join("bundle");
+    fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    assert_eq!(
+        husk(&root, &["spec", "-b", bundle.to_str().unwrap()]).status,
+        0
+    );
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&config).unwrap()).unwrap();
+    spec["linux"]["resources"] = serde_json::json!({
+        "cpu": {"quota": 200000, "period": 100000},
+        "memory": {"limit": 512 * 1024 * 1024}
+    });
+    fs::write(&config, spec.to_string()).unwrap();
+    let run = husk(&root, &["check", "--bundle", bundle.to_str().unwrap()]);
+    assert!(
+        run.stdout.contains("microVM of 2 vCPUs and 576 MiB"),
+        "{}",
+        run.stdout
+    );
+
+    spec["linux"]["resources"]["cpu"]["quota"] = serde_json::json!(6_400_000);
+    fs::write(&config, spec.to_string()).unwrap();
+    let run = husk(&root, &["check", "--bundle", bundle.to_str().unwrap()]);
+    assert!(
+        run.stdout
+            .contains("FAIL  bundle: the spec asks for 64 vCPUs (cpu.quota / cpu.period); limits.max_vcpus is 16"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use super::CommandError;
 use crate::cli::Cli;
 use crate::config::{self, Config, Discovery, Origin};
 use crate::host::{self, CgroupMode, GuestFile, KvmKind};
-use crate::{bundle, exit};
+use crate::{bundle, exit, sizing};
 
 /// Arguments of `husk check`.
 #[derive(Debug, clap::Args)]
@@ -161,22 +161,36 @@ fn root_item(root: &Path) -> Item {
     }
 }
 
-fn bundle_item(dir: &Path) -> Item {
-    match bundle::load(dir) {
-        Ok(bundle) => Item::ok(
+/// Loads the bundle as `create` will, and sizes its microVM.
+fn bundle_item(dir: &Path, config: &Config) -> Item {
+    let failed = |detail: String| Item {
+        name: "bundle",
+        ok: false,
+        detail,
+        advice: None,
+    };
+    let bundle = match bundle::load(dir) {
+        Ok(bundle) => bundle,
+        Err(err) => return failed(err.to_string()),
+    };
+    let resources = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|linux| linux.resources().as_ref());
+    match sizing::vm_size(resources, config) {
+        Ok(size) => Item::ok(
             "bundle",
             format!(
-                "{}: rootfs {}",
+                "{}: rootfs {}; microVM of {} vCPU{} and {} MiB",
                 bundle.dir.display(),
-                bundle.rootfs.display()
+                bundle.rootfs.display(),
+                size.vcpus,
+                if size.vcpus == 1 { "" } else { "s" },
+                size.memory_mib
             ),
         ),
-        Err(err) => Item {
-            name: "bundle",
-            ok: false,
-            detail: err.to_string(),
-            advice: None,
-        },
+        Err(err) => failed(err.to_string()),
     }
 }
 
@@ -201,7 +215,7 @@ pub fn items(config: &Config, root: &Path, bundle: Option<&Path>) -> Vec<Item> {
         root_item(root),
     ];
     if let Some(dir) = bundle {
-        items.push(bundle_item(dir));
+        items.push(bundle_item(dir, config));
     }
     items
 }

@@ -14,6 +14,7 @@ use crate::cli::{Cli, Command};
 use crate::config::ConfigError;
 use crate::exit;
 use crate::id::IdError;
+use crate::sizing::SizingError;
 use crate::store::StoreError;
 
 /// Why a verb failed; each cause has its own exit status ([`CommandError::exit_code`]).
@@ -28,6 +29,8 @@ pub enum CommandError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
     #[error(transparent)]
+    Sizing(#[from] SizingError),
+    #[error(transparent)]
     Spec(#[from] spec::SpecError),
     /// Writing the verb's output failed (for example a closed pipe).
     #[error("cannot write the output: {0}")]
@@ -41,7 +44,7 @@ impl CommandError {
             CommandError::Id(_) => exit::USAGE,
             CommandError::Config(_) => exit::CONFIG,
             CommandError::Store(err) => err.exit_code(),
-            CommandError::Bundle(_) => exit::BUNDLE,
+            CommandError::Bundle(_) | CommandError::Sizing(_) => exit::BUNDLE,
             CommandError::Spec(err) => err.exit_code(),
             CommandError::Output(_) => exit::FAILURE,
         }
