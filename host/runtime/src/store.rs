@@ -465,6 +465,59 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_creates_of_one_id_let_exactly_one_win() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path().join("husk"));
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| store.create(&id("same")).map(|_| ())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, StoreError::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn a_temporary_left_by_a_crash_is_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        let lock = store.create(&id("a")).unwrap();
+        let saved = record("a", ContainerState::Created, None);
+        lock.save(&saved).unwrap();
+        fs::write(lock.dir().join(".state.json.tmp-99999"), "{torn").unwrap();
+        assert_eq!(store.load(&id("a")).unwrap(), saved);
+        assert_eq!(store.list().unwrap().len(), 1);
+        // The next save still replaces the record.
+        let mut changed = saved.clone();
+        changed.oci.set_status(ContainerState::Stopped);
+        lock.save(&changed).unwrap();
+        assert_eq!(store.load(&id("a")).unwrap(), changed);
+    }
+
+    #[test]
+    fn lock_waits_for_a_concurrent_delete_and_then_finds_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        let lock = store.create(&id("a")).unwrap();
+        lock.save(&record("a", ContainerState::Created, None))
+            .unwrap();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| store.lock(&id("a")).map(|_| ()));
+            // We delete while holding the lock: whether the waiter opens the directory before
+            // (and blocks on the lock) or after the removal, it must find no container.
+            lock.remove().unwrap();
+            assert!(matches!(
+                waiter.join().unwrap(),
+                Err(StoreError::NotFound(_))
+            ));
+        });
+    }
+
+    #[test]
     fn lock_is_exclusive_and_released_on_drop() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::new(root.path());

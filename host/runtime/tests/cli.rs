@@ -454,3 +454,28 @@ fn list_shows_containers_as_a_table_and_as_json() {
     let quiet = husk(&root, &["list", "-q"]);
     assert_eq!(quiet.stdout, "a-created\nb-running\n");
 }
+
+#[test]
+fn unopenable_log_file_is_an_error() {
+    let (dir, root) = sandbox();
+    let log = dir.path().join("no-such-dir").join("husk.log");
+    let run = husk(&root, &["--log", log.to_str().unwrap(), "list"]);
+    assert_eq!(run.status, 1);
+    assert!(
+        run.stderr.contains("cannot open log file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn global_flags_may_follow_the_verb() {
+    let (_dir, root) = sandbox();
+    save_record(&root, "c", ContainerState::Created, my_pid());
+    let output = Command::new(env!("CARGO_BIN_EXE_husk"))
+        .args(["list", "-q", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), "c\n");
+}
