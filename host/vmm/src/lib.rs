@@ -12,6 +12,7 @@ pub mod boot;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod fuzzing;
 pub mod host_check;
 pub mod layout;
 pub mod memory;
