@@ -94,6 +94,7 @@ pub fn check_abs_path(what: &'static str, path: &str) -> Result<(), ValidationEr
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,132 @@
+//! Running as the guest's PID 1: the early file systems, the kernel command line, and the
+//! "print why and reboot" exit path for fatal failures.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nix::mount::MsFlags;
+
+/// Settings read from /proc/cmdline.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cmdline {
+    /// `husk.agent_port=N`.
+    pub port: u32,
+    /// `husk.log=LEVEL`.
+    pub log: Option<String>,
+}
+
+/// Parses the kernel command line (unknown words are the kernel's business).
+pub fn parse_cmdline(text: &str) -> Result<Cmdline> {
+    let mut out = Cmdline {
+        port: husk_agent_protocol::DEFAULT_AGENT_PORT,
+        log: None,
+    };
+    for word in text.split_whitespace() {
+        if let Some(v) = word.strip_prefix("husk.agent_port=") {
+            out.port = v
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .with_context(|| format!("husk.agent_port={v:?} is not a port number"))?;
+        } else if let Some(v) = word.strip_prefix("husk.log=") {
+            out.log = Some(v.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+    match nix::mount::mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) => Ok(()),
+        // Already mounted (e.g. devtmpfs with CONFIG_DEVTMPFS_MOUNT).
+        Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("mount {fstype} on {target}")),
+    }
+}
+
+/// Mounts proc, sys, dev, devpts, /dev/shm, /run and cgroup2, and enables cgroup controllers.
+pub fn mount_early_filesystems() -> Result<()> {
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", common, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", common, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", common, None)?;
+    Ok(())
+}
+
+/// Prints why on the console and reboots (with `reboot=k` the monitor sees the reset and exits).
+pub fn fatal(why: &str) -> ! {
+    eprintln!("husk-agent: fatal: {why}");
+    // SAFETY: sync(2) takes no arguments.
+    unsafe { libc::sync() };
+    // SAFETY: reboot(2) with a valid command; we are PID 1 and own the machine.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // reboot returns only on failure; PID 1 must never exit (the kernel would panic).
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_port_and_log_level() {
+        let c =
+            parse_cmdline("console=ttyS0 reboot=k panic=-1 husk.agent_port=2048 husk.log=debug")
+                .expect("parses");
+        assert_eq!(
+            c,
+            Cmdline {
+                port: 2048,
+                log: Some("debug".into())
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_and_bad_ports() {
+        assert_eq!(parse_cmdline("quiet").expect("parses").port, 1024);
+        assert!(parse_cmdline("husk.agent_port=x").is_err());
+        assert!(parse_cmdline("husk.agent_port=0").is_err());
+    }
+}
