@@ -12,5 +12,6 @@ pub mod exit;
 pub mod host;
 pub mod id;
 pub mod logging;
+pub mod share;
 pub mod sizing;
 pub mod store;
