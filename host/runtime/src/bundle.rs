@@ -80,9 +80,10 @@ pub enum BundleError {
     /// `process.cwd` is not absolute (the runtime spec requires it).
     #[error("config.json: process.cwd {0:?} is not an absolute path")]
     RelativeCwd(PathBuf),
-    /// The spec has hooks, which husk does not run (see `husk features`).
-    #[error("config.json: hooks are not supported by husk")]
-    HooksUnsupported,
+    /// `createContainer`/`startContainer` hooks run in the container's namespaces, which are in
+    /// the guest, where husk cannot run host binaries.
+    #[error("config.json: hooks.{0} is not supported: it would run inside the microVM (husk runs prestart, createRuntime, poststart and poststop hooks on the host)")]
+    HooksUnsupported(&'static str),
 }
 
 /// A bundle ready for `create`.
@@ -208,25 +209,21 @@ pub fn check_spec(spec: &Spec) -> Result<(), BundleError> {
     if !process.cwd().is_absolute() {
         return Err(BundleError::RelativeCwd(process.cwd().clone()));
     }
-    if spec.hooks().as_ref().is_some_and(has_hooks) {
-        return Err(BundleError::HooksUnsupported);
+    if let Some(name) = spec.hooks().as_ref().and_then(guest_side_hooks) {
+        return Err(BundleError::HooksUnsupported(name));
     }
     Ok(())
 }
 
-fn has_hooks(hooks: &oci_spec::runtime::Hooks) -> bool {
-    #[allow(deprecated)]
-    let lists = [
-        hooks.prestart(),
-        hooks.create_runtime(),
-        hooks.create_container(),
-        hooks.start_container(),
-        hooks.poststart(),
-        hooks.poststop(),
-    ];
-    lists
-        .into_iter()
-        .any(|list| list.as_ref().is_some_and(|l| !l.is_empty()))
+/// The first hook point that runs in the container's namespaces (in the guest), if used.
+fn guest_side_hooks(hooks: &oci_spec::runtime::Hooks) -> Option<&'static str> {
+    [
+        ("createContainer", hooks.create_container()),
+        ("startContainer", hooks.start_container()),
+    ]
+    .into_iter()
+    .find(|(_, list)| list.as_ref().is_some_and(|l| !l.is_empty()))
+    .map(|(name, _)| name)
 }
 
 /// Resolves `root.path` against the canonical bundle directory `bundle`: relative paths must
@@ -413,16 +410,33 @@ mod tests {
     }
 
     #[test]
-    fn hooks_are_rejected() {
+    fn container_namespace_hooks_are_rejected() {
         let dir = bundle_with(&with_field(
             "hooks",
-            r#"{"prestart": [{"path": "/bin/true"}]}"#,
+            r#"{"startContainer": [{"path": "/bin/true"}]}"#,
         ));
         assert!(matches!(
             load(dir.path()),
-            Err(BundleError::HooksUnsupported)
+            Err(BundleError::HooksUnsupported("startContainer"))
         ));
-        let dir = bundle_with(&with_field("hooks", r#"{"prestart": []}"#));
+        let dir = bundle_with(&with_field(
+            "hooks",
+            r#"{"createContainer": [{"path": "/bin/true"}]}"#,
+        ));
+        assert!(matches!(
+            load(dir.path()),
+            Err(BundleError::HooksUnsupported("createContainer"))
+        ));
+    }
+
+    #[test]
+    fn host_hooks_are_accepted() {
+        let dir = bundle_with(&with_field(
+            "hooks",
+            r#"{"prestart": [{"path": "/bin/true"}], "createRuntime": [{"path": "/bin/true"}],
+                "poststart": [{"path": "/bin/true"}], "poststop": [{"path": "/bin/true"}],
+                "startContainer": []}"#,
+        ));
         load(dir.path()).unwrap();
     }
 

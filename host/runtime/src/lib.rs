@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod console;
 pub mod exit;
+pub mod hooks;
 pub mod host;
 pub mod id;
 pub mod logging;

@@ -3,8 +3,8 @@
 //! Containers run inside the guest, created by husk-agent, so this states what the agent honours
 //! (guest-agent/src/spec.rs, mountopts.rs, seccomp.rs): namespaces pid, mount, ipc, uts, cgroup
 //! and the sandbox's network (no user or time namespaces, no joining by path); cgroup v2 only;
-//! every capability of the guest kernel; seccomp without SCMP_ACT_NOTIFY. No hooks (they run on
-//! the host and husk does not run them yet), no AppArmor, no SELinux. Keep it in step with the
+//! every capability of the guest kernel; seccomp without SCMP_ACT_NOTIFY; no AppArmor, no SELinux.
+//! Hooks are the runtime's: the host-side ones (see `crate::hooks`). Keep it in step with the
 //! agent's validation: a field the agent rejects must not be listed here.
 
 use std::collections::HashMap;
@@ -136,6 +136,10 @@ pub const SECCOMP_OPERATORS: &[&str] = &[
     "SCMP_CMP_MASKED_EQ",
 ];
 
+/// Hooks husk runs (on the host, see `hooks`); createContainer and startContainer would run in
+/// the guest and are refused.
+pub const HOOKS: &[&str] = &["prestart", "createRuntime", "poststart", "poststop"];
+
 /// Seccomp filter flags.
 pub const SECCOMP_FLAGS: &[&str] = &["SECCOMP_FILTER_FLAG_TSYNC"];
 
@@ -178,7 +182,7 @@ pub fn features() -> Result<Features, oci_spec::OciSpecError> {
     FeaturesBuilder::default()
         .oci_version_min(OCI_VERSION_MIN)
         .oci_version_max(OCI_VERSION_MAX)
-        .hooks(Vec::<String>::new())
+        .hooks(strings(HOOKS))
         .mount_options(strings(MOUNT_OPTIONS))
         .linux(linux)
         .annotations(HashMap::from([(
@@ -252,6 +256,10 @@ mod tests {
             .unwrap()
             .contains(&serde_json::json!("SCMP_ACT_NOTIFY")));
         assert_eq!(linux["capabilities"].as_array().unwrap().len(), 41);
+        assert_eq!(
+            value["hooks"],
+            serde_json::json!(["prestart", "createRuntime", "poststart", "poststop"])
+        );
     }
 
     #[test]
