@@ -16,3 +16,4 @@ pub mod logging;
 pub mod share;
 pub mod sizing;
 pub mod store;
+pub mod vsock;
