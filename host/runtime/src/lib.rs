@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod host;
 pub mod id;
 pub mod logging;
+pub mod sandbox;
 pub mod share;
 pub mod sizing;
 pub mod store;
