@@ -61,7 +61,7 @@ enum State {
     Connecting,
     /// Data flows.
     Established,
-    /// We sent SHUTDOWN (host closed its side); waiting for the guest's RST.
+    /// The host stream reached EOF and we sent SHUTDOWN(SEND); guest data still flows to it.
     Closing,
 }
 
@@ -91,6 +91,8 @@ struct Connection {
     credit_wait: bool,
     /// Current epoll registration.
     registered: Option<EventSet>,
+    /// Both sides are done: close (RST) once `to_host` is written out.
+    close_after_flush: bool,
 }
 
 impl Connection {
@@ -110,6 +112,7 @@ impl Connection {
             rx_ready: false,
             credit_wait: false,
             registered: None,
+            close_after_flush: false,
         }
     }
 
@@ -441,6 +444,10 @@ impl Muxer {
         if !failed && conn.to_host.is_empty() && conn.peer_done_sending {
             let _ = conn.stream.shutdown(std::net::Shutdown::Write);
         }
+        if !failed && conn.to_host.is_empty() && conn.close_after_flush {
+            self.reset_conn(key);
+            return;
+        }
         let send_credit = !failed && (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CONN_BUF_SIZE / 4;
         if send_credit {
             conn.fwd_cnt_sent = conn.fwd_cnt;
@@ -540,9 +547,11 @@ impl Muxer {
             Next::Reset => return self.reset_conn(key),
             Next::Remove => return self.remove(key),
             Next::CloseBoth => {
-                // Both directions closed: best-effort flush, then close with RST.
-                let _ = self.flush_best_effort(key);
-                return self.reset_conn(key);
+                // Both directions closed: close with RST once buffered data is written out.
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.close_after_flush = true;
+                }
+                return self.flush_to_host(key);
             }
             Next::Flush => self.flush_to_host(key),
             Next::CreditUpdate => self.push_control(key, op::CREDIT_UPDATE, 0),
@@ -553,13 +562,6 @@ impl Muxer {
         } else {
             self.update_interest(key);
         }
-    }
-
-    fn flush_best_effort(&mut self, key: Key) -> Option<()> {
-        let conn = self.conns.get_mut(&key)?;
-        let (a, b) = conn.to_host.as_slices();
-        conn.stream.write_all(a).ok()?;
-        conn.stream.write_all(b).ok()
     }
 
     fn guest_connect(&mut self, key: Key, hdr: &Header) {
@@ -660,8 +662,9 @@ impl Muxer {
                     self.update_interest(key);
                 }
                 Read::Eof => {
-                    // The host closed its side: tell the guest nothing more comes either way.
-                    self.push_control(key, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    // The host will send nothing more. It may still read (a half-closed
+                    // stream); if it closed entirely, the next write fails and resets.
+                    self.push_control(key, op::SHUTDOWN, SHUTDOWN_SEND);
                     self.update_interest(key);
                 }
                 Read::Data(buf) => {
