@@ -12,6 +12,7 @@ pub mod exit;
 pub mod hooks;
 pub mod host;
 pub mod id;
+pub mod lifecycle;
 pub mod logging;
 pub mod sandbox;
 pub mod share;

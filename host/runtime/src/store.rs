@@ -337,6 +337,25 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     sync_dir(dir)
 }
 
+/// Writes `pid` (decimal, no newline, as runc does) to `path` for `--pid-file`, atomically: a
+/// reader never sees an empty or partial file. A relative path is relative to the current
+/// directory.
+pub fn write_pid_file(path: &Path, pid: i32) -> Result<(), StoreError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| StoreError::Io {
+            action: "write the pid file",
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    write_atomic(dir, name, pid.to_string().as_bytes())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -551,6 +570,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["f"]);
+    }
+
+    #[test]
+    fn pid_file_holds_the_pid_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctr.pid");
+        write_pid_file(&path, 4242).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "4242");
+        write_pid_file(&path, 7).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "7");
+        assert!(write_pid_file(&dir.path().join("missing/ctr.pid"), 1).is_err());
+        assert!(write_pid_file(Path::new("/"), 1).is_err());
     }
 
     #[test]
