@@ -87,11 +87,14 @@ pub struct Record {
     /// `starttime` of `oci.pid` (field 22 of /proc/PID/stat), so a reused PID is not mistaken
     /// for the container's process.
     pub pid_start_time: Option<u64>,
+    /// The container is paused (frozen in the guest); its OCI status stays `running`.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl Record {
-    /// The OCI state as it is now: a `created`/`running` container whose process is gone (or
-    /// whose PID now belongs to another process) is `stopped`.
+    /// The OCI state as it is now: a `creating`/`created`/`running` container whose process is
+    /// gone (or whose PID now belongs to another process) is `stopped`.
     pub fn current_state(&self) -> State {
         let mut state = self.oci.clone();
         let live = matches!(
@@ -441,6 +444,7 @@ mod tests {
             created: now_rfc3339(),
             rootfs: "/bundle/rootfs".into(),
             pid_start_time: pid.and_then(process_start_time),
+            paused: false,
         }
     }
 

@@ -67,6 +67,7 @@ fn save_record(root: &Path, id: &str, status: ContainerState, pid: i32) {
         created: store::now_rfc3339(),
         rootfs: "/bundles/b/rootfs".into(),
         pid_start_time: store::process_start_time(pid),
+        paused: false,
     })
     .unwrap();
 }
