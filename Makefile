@@ -4,7 +4,7 @@ CARGO ?= cargo
 MUSL := x86_64-unknown-linux-musl
 AGENT := target/$(MUSL)/release/husk-agent
 
-.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest test-e2e test demo clean
+.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest vmm-echo-image test-e2e test demo clean bench-boot
 
 all: build
 
@@ -36,8 +36,12 @@ agent: deps-rust
 guest: guest-kernel agent
 	guest-agent/initramfs/build $(AGENT)
 
+# The vsock echo guest image used by husk-vmm's end-to-end tests (target/guest/vmm-echo.cpio.gz).
+vmm-echo-image: deps-rust
+	host/vmm/tests/fixtures/build-echo-image
+
 # End-to-end tests: they need a real KVM and run inside the test host.
-test-e2e: guest build
+test-e2e: guest build vmm-echo-image
 	tests/e2e/run
 
 test: fmt-check clippy unit test-e2e
@@ -47,3 +51,7 @@ demo: guest
 
 clean:
 	$(CARGO) clean
+
+# Boot benchmark: husk-vmm against QEMU -M microvm in the test host; prints medians and ratios.
+bench-boot: guest
+	host/vmm/bench/boot

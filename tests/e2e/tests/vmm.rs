@@ -193,6 +193,10 @@ impl Drop for Vmm {
 fn boots_the_guest_image_to_the_agent_marker_and_sigterm_stops_it_cleanly() {
     require_real_kvm();
     let dir = Scratch::new("boot");
+    let disk = dir.0.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
+    let uds = dir.0.join("v.sock");
+    let block = format!("{},ro", disk.display());
     let mut vmm = Vmm::start(
         &dir.0,
         &guest_file("vmlinux"),
@@ -203,22 +207,31 @@ fn boots_the_guest_image_to_the_agent_marker_and_sigterm_stops_it_cleanly() {
             "--memory-mib",
             "256",
             "--vsock-uds",
-            &format!("{}/v.sock", dir.0.display()),
+            uds.to_str().expect("utf8"),
             "--guest-cid",
             "3",
+            "--block",
+            &block,
         ],
     );
     vmm.wait_console(AGENT_MARKER);
+    let console = vmm.console_text();
+    // Both vCPUs came up (MP table) and the disk was found (virtio-blk, read-only).
+    assert!(
+        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("[vda] 2048 512-byte logical blocks"),
+        "console:\n{console}"
+    );
     // The guest may reboot by itself (exit 0) or keep serving; SIGTERM must stop it with 0.
     if let Ok(None) = vmm.child.try_wait() {
         vmm.signal(libc::SIGTERM);
     }
     let status = vmm.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "stderr: {}", vmm.stderr());
-    assert!(
-        !dir.0.join("v.sock").exists(),
-        "the vsock socket is removed on exit"
-    );
+    assert!(!uds.exists(), "the vsock socket is removed on exit");
 }
 
 #[test]
