@@ -8,12 +8,21 @@ use crate::commands::{check, features, list, spec, state};
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::logging::LogFormat;
 
+/// `husk --version`: husk's version and the runtime-spec version it implements, like runc.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\nspec: {}",
+        env!("CARGO_PKG_VERSION"),
+        oci_spec::runtime::VERSION
+    )
+});
+
 /// The default `--root`: where container state lives (a tmpfs on most hosts, as for runc).
 pub const DEFAULT_ROOT: &str = "/run/husk";
 
 /// husk: an OCI runtime that runs each container in its own KVM microVM.
 #[derive(Debug, Parser)]
-#[command(name = "husk", version, propagate_version = true)]
+#[command(name = "husk", version = VERSION.as_str(), propagate_version = true)]
 pub struct Cli {
     /// Root directory for container state.
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_ROOT)]

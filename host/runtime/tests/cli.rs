@@ -480,3 +480,21 @@ fn global_flags_may_follow_the_verb() {
         .unwrap();
     assert_eq!(String::from_utf8(output.stdout).unwrap(), "c\n");
 }
+
+#[test]
+fn version_names_the_runtime_spec() {
+    let output = Command::new(env!("CARGO_BIN_EXE_husk"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "husk {}\nspec: {}\n",
+            env!("CARGO_PKG_VERSION"),
+            oci_spec::runtime::VERSION
+        )
+    );
+}
