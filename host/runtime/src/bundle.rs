@@ -10,7 +10,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Process, Spec};
 
 /// The spec's file name in a bundle.
 pub const CONFIG_FILE: &str = "config.json";
@@ -39,7 +39,7 @@ pub enum BundleError {
     /// config.json is larger than [`MAX_CONFIG_BYTES`].
     #[error("{0} is larger than {MAX_CONFIG_BYTES} bytes")]
     ConfigTooLarge(PathBuf),
-    /// config.json is not valid JSON or not a valid runtime spec.
+    /// config.json (or an `exec --process` file) is not valid JSON of the right shape.
     #[error("malformed {path}: line {line}, column {column}: {at}{message}")]
     ConfigMalformed {
         path: PathBuf,
@@ -160,6 +160,11 @@ fn read_config(path: &Path) -> Result<Vec<u8>, BundleError> {
 
 /// Parses a runtime spec; an error names the JSON path, line and column.
 pub fn parse_spec(path: &Path, bytes: &[u8]) -> Result<Spec, BundleError> {
+    parse_json(path, bytes)
+}
+
+/// Parses JSON into `T`; an error names the JSON path, line and column.
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, BundleError> {
     let malformed = |at: String, err: &serde_json::Error| BundleError::ConfigMalformed {
         path: path.to_path_buf(),
         at,
@@ -168,7 +173,7 @@ pub fn parse_spec(path: &Path, bytes: &[u8]) -> Result<Spec, BundleError> {
         message: strip_position(&err.to_string()),
     };
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let spec: Spec = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let at = err.path().to_string();
         // serde_path_to_error writes "." for the top level and "?" where it does not know.
         let at = if at.is_empty() || at == "." || at == "?" {
@@ -181,7 +186,7 @@ pub fn parse_spec(path: &Path, bytes: &[u8]) -> Result<Spec, BundleError> {
     deserializer
         .end()
         .map_err(|err| malformed(String::new(), &err))?;
-    Ok(spec)
+    Ok(value)
 }
 
 /// serde_json's messages end with " at line L column C", which the error already shows.
@@ -190,6 +195,34 @@ fn strip_position(message: &str) -> String {
         Some(index) => message.get(..index).unwrap_or(message).to_owned(),
         None => message.to_owned(),
     }
+}
+
+/// Loads an OCI `process` object from `path` for `exec --process F`: at most
+/// [`MAX_CONFIG_BYTES`], parsed with the same position-carrying errors as config.json, with
+/// non-empty `args` and an absolute `cwd`.
+pub fn load_process(path: &Path) -> Result<Process, BundleError> {
+    let bytes = match read_config(path) {
+        Err(BundleError::ConfigMissing(_)) => {
+            return Err(BundleError::Read {
+                path: path.to_path_buf(),
+                source: io::ErrorKind::NotFound.into(),
+            })
+        }
+        other => other?,
+    };
+    let process: Process = parse_json(path, &bytes)?;
+    check_process(&process)?;
+    Ok(process)
+}
+
+fn check_process(process: &Process) -> Result<(), BundleError> {
+    if process.args().as_ref().is_none_or(Vec::is_empty) {
+        return Err(BundleError::EmptyArgs);
+    }
+    if !process.cwd().is_absolute() {
+        return Err(BundleError::RelativeCwd(process.cwd().clone()));
+    }
+    Ok(())
 }
 
 /// Checks what `create` needs of the spec beyond its syntax.
@@ -202,13 +235,7 @@ pub fn check_spec(spec: &Spec) -> Result<(), BundleError> {
     if root.path().as_os_str().is_empty() {
         return Err(BundleError::EmptyRootPath);
     }
-    let process = spec.process().as_ref().ok_or(BundleError::NoProcess)?;
-    if process.args().as_ref().is_none_or(Vec::is_empty) {
-        return Err(BundleError::EmptyArgs);
-    }
-    if !process.cwd().is_absolute() {
-        return Err(BundleError::RelativeCwd(process.cwd().clone()));
-    }
+    check_process(spec.process().as_ref().ok_or(BundleError::NoProcess)?)?;
     if let Some(name) = spec.hooks().as_ref().and_then(guest_side_hooks) {
         return Err(BundleError::HooksUnsupported(name));
     }
@@ -438,6 +465,41 @@ mod tests {
                 "startContainer": []}"#,
         ));
         load(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn process_file_for_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("process.json");
+        fs::write(
+            &path,
+            r#"{"cwd": "/", "args": ["ls", "-l"], "user": {"uid": 0, "gid": 0}}"#,
+        )
+        .unwrap();
+        let process = load_process(&path).unwrap();
+        assert_eq!(process.args().as_ref().unwrap()[1], "-l");
+
+        fs::write(
+            &path,
+            r#"{"cwd": "/", "args": [], "user": {"uid": 0, "gid": 0}}"#,
+        )
+        .unwrap();
+        assert!(matches!(load_process(&path), Err(BundleError::EmptyArgs)));
+        fs::write(
+            &path,
+            r#"{"cwd": "tmp", "args": ["ls"], "user": {"uid": 0, "gid": 0}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            load_process(&path),
+            Err(BundleError::RelativeCwd(_))
+        ));
+        fs::write(&path, "{\n \"args\": \"ls\"}").unwrap();
+        let message = load_process(&path).unwrap_err().to_string();
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("at args"), "{message}");
+        let err = load_process(&dir.path().join("absent.json")).unwrap_err();
+        assert!(matches!(err, BundleError::Read { .. }), "{err}");
     }
 
     #[test]

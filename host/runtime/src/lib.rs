@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod sandbox;
 pub mod share;
+pub mod signal;
 pub mod sizing;
 pub mod store;
 pub mod vsock;
