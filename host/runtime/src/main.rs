@@ -20,21 +20,20 @@ fn main() -> ExitCode {
         }
     };
     if let Err(err) = logging::init(cli.log.as_deref(), cli.log_format, cli.debug) {
-        eprintln!("husk: {:#}", anyhow::Error::from(err));
+        eprintln!("husk: {err}");
         return ExitCode::from(exit::FAILURE);
     }
     tracing::debug!(command = ?cli.command, root = %cli.root.display(), "husk starting");
     match commands::run(&cli) {
         Ok(status) => ExitCode::from(status),
         Err(err) => {
-            let status = err.exit_code();
-            let err = anyhow::Error::from(err);
+            // Every error's message already includes its cause, so the chain is not printed.
             if cli.log.is_some() {
                 // Engines read the reason from the log file; users read standard error.
-                tracing::error!("{err:#}");
+                tracing::error!("{err}");
             }
-            eprintln!("husk: {err:#}");
-            ExitCode::from(status)
+            eprintln!("husk: {err}");
+            ExitCode::from(err.exit_code())
         }
     }
 }

@@ -402,6 +402,13 @@ fn missing_explicit_configuration_file_is_an_error() {
         "{}",
         run.stderr
     );
+    // The cause is said once, not repeated by an error chain.
+    assert_eq!(
+        run.stderr.matches("os error 2").count(),
+        1,
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
