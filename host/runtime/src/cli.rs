@@ -51,6 +51,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Place containers in systemd scopes (cgroupsPath as "slice:prefix:name"), as runc's flag
+    /// (podman passes it when its cgroup manager is systemd). It matters to `create`; the
+    /// current verbs, like runc's `state`, `list`, `spec` and `features`, do not use it.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }

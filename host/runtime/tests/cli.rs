@@ -505,3 +505,21 @@ fn version_names_the_runtime_spec() {
         )
     );
 }
+
+#[test]
+fn podman_style_global_flags_are_accepted() {
+    let (dir, root) = sandbox();
+    let log = dir.path().join("log.json");
+    let run = husk(
+        &root,
+        &[
+            "--systemd-cgroup",
+            "--log",
+            log.to_str().unwrap(),
+            "--log-format=json",
+            "state",
+            "x",
+        ],
+    );
+    assert_eq!(run.status, NOT_FOUND, "{}", run.stderr);
+}
