@@ -20,26 +20,85 @@ use crate::memory::GuestMem;
 
 /// Size of the fuzzed guest memory.
 pub const MEM_SIZE: usize = 0x10000;
-const DESC_TABLE: u64 = 0x0;
-const AVAIL_RING: u64 = 0x2000;
-const USED_RING: u64 = 0x3000;
+/// Rings of queue `i` live at `i * RING_STRIDE`: descriptor table, then avail, then used ring.
+const RING_STRIDE: u64 = 0x1000;
+const AVAIL_OFFSET: u64 = 0x400;
+const USED_OFFSET: u64 = 0x800;
+/// Buffers live here; descriptor addresses are folded into this area unless their top bit
+/// asks for a raw (possibly out-of-range) address.
+const BUF_BASE: u64 = 0x8000;
+const BUF_SIZE: u64 = 0x8000;
+const MAX_DESCS: u8 = 16;
 
-fn memory_from(data: &[u8]) -> Option<GuestMem> {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
-    let n = data.len().min(MEM_SIZE);
-    mem.write_slice(data.get(..n)?, GuestAddress(0)).ok()?;
-    Some(mem)
+/// Reads the input front to back; missing bytes read as zero.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        for b in out.iter_mut() {
+            if let Some((first, rest)) = self.0.split_first() {
+                *b = *first;
+                self.0 = rest;
+            }
+        }
+        out
+    }
+
+    fn u8(&mut self) -> u8 {
+        self.bytes::<1>()[0]
+    }
 }
 
-fn queue(mem: &GuestMem, size_byte: u8) -> Option<Queue> {
-    let mut q = Queue::new(256).ok()?;
-    // Sizes the fuzzer picks: powers of two from 1 to 256.
-    q.set_size(1u16 << (size_byte % 9));
-    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
+/// Builds guest memory and one split queue per entry of `max_sizes` from the input:
+/// `[size][ndesc][ndesc x (addr u64, len u32, flags u16, next u16)][navail][navail x idx]` per
+/// queue, then the rest of the input fills the buffer area.
+fn build(data: &[u8], max_sizes: &[u16]) -> Option<(GuestMem, Vec<Queue>)> {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
+    let mut input = Input(data);
+    let mut queues = Vec::new();
+    for (i, max) in max_sizes.iter().enumerate() {
+        let base = i as u64 * RING_STRIDE;
+        let size = (1u16 << (input.u8() % 5)).min(*max);
+        for d in 0..u64::from(input.u8() % (MAX_DESCS + 1)) {
+            let addr = u64::from_le_bytes(input.bytes::<8>());
+            let len = u32::from_le_bytes(input.bytes::<4>());
+            let flags = u16::from_le_bytes(input.bytes::<2>());
+            let next = u16::from_le_bytes(input.bytes::<2>()) % 20;
+            let (addr, len) = if addr >> 63 == 0 {
+                (BUF_BASE + addr % BUF_SIZE, len % 0x2000)
+            } else {
+                (addr << 1, len)
+            };
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&(flags & 0x7).to_le_bytes());
+            raw[14..].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(base + d * 16)).ok()?;
+        }
+        let navail = input.u8() % (MAX_DESCS + 1);
+        for a in 0..u64::from(navail) {
+            let idx = u16::from(input.u8() % (MAX_DESCS + 2));
+            mem.write_obj(idx, GuestAddress(base + AVAIL_OFFSET + 4 + a * 2))
+                .ok()?;
+        }
+        mem.write_obj(u16::from(navail), GuestAddress(base + AVAIL_OFFSET + 2))
+            .ok()?;
+        let mut q = Queue::new(*max).ok()?;
+        q.set_size(size);
+        q.set_desc_table_address(Some(base as u32), Some(0));
+        q.set_avail_ring_address(Some((base + AVAIL_OFFSET) as u32), Some(0));
+        q.set_used_ring_address(Some((base + USED_OFFSET) as u32), Some(0));
+        q.set_ready(true);
+        queues.push(q);
+    }
+    let rest = input
+        .0
+        .get(..input.0.len().min(BUF_SIZE as usize))
+        .unwrap_or(&[]);
+    mem.write_slice(rest, GuestAddress(BUF_BASE)).ok()?;
+    Some((mem, queues))
 }
 
 fn interrupt() -> Option<Arc<Interrupt>> {
@@ -48,18 +107,14 @@ fn interrupt() -> Option<Arc<Interrupt>> {
     )))
 }
 
-fn kick(device: &mut dyn VirtioDevice, mem: &GuestMem, sizes: &[u8], kicks: &[u8]) {
-    let queues: Option<Vec<Queue>> = device
-        .queue_max_sizes()
-        .iter()
-        .enumerate()
-        .map(|(i, _)| queue(mem, sizes.get(i).copied().unwrap_or(4)))
-        .collect();
-    let (Some(queues), Some(interrupt)) = (queues, interrupt()) else {
+/// Activates `device` on queues built from the input and kicks every queue, twice.
+fn activate_and_kick(device: &mut dyn VirtioDevice, data: &[u8]) {
+    let sizes = device.queue_max_sizes().to_vec();
+    let (Some((mem, queues)), Some(interrupt)) = (build(data, &sizes), interrupt()) else {
         return;
     };
     let ctx = ActivateContext {
-        mem: mem.clone(),
+        mem,
         queues,
         interrupt,
         acked_features: VIRTIO_F_VERSION_1,
@@ -67,8 +122,13 @@ fn kick(device: &mut dyn VirtioDevice, mem: &GuestMem, sizes: &[u8], kicks: &[u8
     if device.activate(ctx).is_err() {
         return;
     }
-    for k in kicks {
-        let _ = device.process_queue(usize::from(*k % 4));
+    for round in 0..2 {
+        for q in (0..sizes.len()).rev() {
+            let _ = device.process_queue(q);
+        }
+        if round == 0 {
+            let _ = device.process_backend();
+        }
     }
 }
 
@@ -82,66 +142,81 @@ fn temp_path(tag: &str) -> std::path::PathBuf {
     ))
 }
 
-/// virtio-vsock: the input is guest memory; its last bytes choose queue sizes and kicks.
+/// virtio-vsock: queues and buffers from the input; tx is processed before rx so a guest
+/// REQUEST can be answered in the same run.
 pub fn fuzz_vsock(data: &[u8]) {
-    let Some(mem) = memory_from(data) else { return };
-    let path = temp_path("vsock");
     let config = VsockConfig {
-        uds_path: path,
+        uds_path: temp_path("vsock"),
         guest_cid: 3,
     };
     let Ok(mut dev) = Vsock::new(&config) else {
         return;
     };
-    let tail = data.get(MEM_SIZE..).unwrap_or(&[]);
-    kick(
-        &mut dev,
-        &mem,
-        tail.get(..3).unwrap_or(&[]),
-        tail.get(3..).unwrap_or(&[1, 0, 1]),
-    );
-    let _ = dev.process_backend();
+    activate_and_kick(&mut dev, data);
 }
 
-/// virtio-blk over a small temporary disk image.
+/// virtio-blk over a small temporary disk image; the first byte picks read-only.
 pub fn fuzz_block(data: &[u8]) {
-    let Some(mem) = memory_from(data) else { return };
     let path = temp_path("blk");
     if std::fs::write(&path, vec![0u8; 64 * 1024]).is_err() {
         return;
     }
-    let read_only = data.get(MEM_SIZE).is_some_and(|b| b & 1 == 1);
+    let read_only = data.first().is_some_and(|b| b & 1 == 1);
     if let Ok(mut dev) = Block::open(&BlockConfig {
         path: path.clone(),
         read_only,
     }) {
-        let tail = data.get(MEM_SIZE + 1..).unwrap_or(&[]);
-        kick(&mut dev, &mem, tail.get(..1).unwrap_or(&[]), &[0, 0]);
+        activate_and_kick(&mut dev, data.get(1..).unwrap_or(&[]));
     }
     let _ = std::fs::remove_file(&path);
 }
 
-/// The virtio-mmio transport (with virtio-rng behind it): the input is a sequence of
-/// register accesses `[op, offset_lo, offset_hi, v0, v1, v2, v3]` (op bit 0: write, bits 1-2:
-/// width 1/2/4/8), after the first `MEM_SIZE / 16` bytes which seed guest memory.
+/// The virtio-mmio transport with virtio-rng behind it. Byte 0 bit 0: run the driver's normal
+/// bring-up first (so the fuzzer starts from an active device). The next 512 bytes seed guest
+/// memory; the rest is a sequence of register accesses `[op, off_lo, off_hi, v0..v3]`
+/// (op bit 0: write, bits 1-2: width 1/2/4/8, bit 7: then process queue 0).
 pub fn fuzz_mmio(data: &[u8]) {
-    let seed_len = (MEM_SIZE / 16).min(data.len());
-    let Some(mem) = memory_from(data.get(..seed_len).unwrap_or(&[])) else {
+    let mut input = Input(data);
+    let bring_up = input.u8() & 1 == 1;
+    let seed = input.0.get(..input.0.len().min(512)).unwrap_or(&[]);
+    let accesses = input.0.get(seed.len()..).unwrap_or(&[]);
+    let Some((mem, _)) = build(seed, &[]) else {
         return;
     };
     let (Ok(rng), Some(irq)) = (Rng::new(), interrupt()) else {
         return;
     };
-    let Ok(mut transport) = MmioTransport::new(Box::new(rng), mem, irq) else {
+    let Ok(mut transport) = MmioTransport::new(Box::new(rng), mem.clone(), irq) else {
         return;
     };
-    for access in data.get(seed_len..).unwrap_or(&[]).chunks_exact(7) {
-        let [op, lo, hi, v0, v1, v2, v3] = [
-            access[0], access[1], access[2], access[3], access[4], access[5], access[6],
-        ];
-        let offset = u64::from(u16::from_le_bytes([lo, hi]) % 0x200);
+    // The seed area holds ring data for queue 0 at the usual place.
+    let _ = mem.write_slice(seed, GuestAddress(0));
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    if bring_up {
+        for (off, v) in [
+            (0x70, 1),
+            (0x70, 3),
+            (0x24, 1),
+            (0x20, 1),
+            (0x70, 11),
+            (0x30, 0),
+            (0x38, 16),
+            (0x80, 0),
+            (0x90, AVAIL_OFFSET as u32),
+            (0xa0, USED_OFFSET as u32),
+            (0x44, 1),
+            (0x70, 15),
+        ] {
+            w(&mut transport, off, v);
+        }
+    }
+    for access in accesses.chunks_exact(7) {
+        let mut a = Input(access);
+        let op = a.u8();
+        let offset = u64::from(u16::from_le_bytes(a.bytes::<2>()) % 0x200);
+        let v = a.bytes::<4>();
+        let value = [v[0], v[1], v[2], v[3], v[0], v[1], v[2], v[3]];
         let width = 1usize << ((op >> 1) & 3);
-        let value = [v0, v1, v2, v3, v0, v1, v2, v3];
         let bytes = value.get(..width).unwrap_or(&[]);
         if op & 1 == 1 {
             transport.write(offset, bytes);
@@ -150,7 +225,7 @@ pub fn fuzz_mmio(data: &[u8]) {
             transport.read(offset, &mut out);
         }
         if op & 0x80 != 0 {
-            transport.process_queue(usize::from(v0 % 2));
+            transport.process_queue(0);
         }
     }
 }
@@ -178,7 +253,7 @@ mod tests {
 
     #[test]
     fn harnesses_survive_random_inputs() {
-        for input in inputs(24, MEM_SIZE + 16) {
+        for input in inputs(200, 600) {
             fuzz_vsock(&input);
             fuzz_block(&input);
             fuzz_mmio(&input);
