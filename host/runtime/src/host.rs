@@ -156,7 +156,9 @@ pub fn check_guest_file(path: &Path, kind: GuestFile) -> Result<(), String> {
         .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
     let magic = magic.get(..read).unwrap_or_default();
     match kind {
-        GuestFile::Kernel if magic.starts_with(b"\x7fELF") => Ok(()),
+        GuestFile::Kernel if magic.starts_with(b"\x7fELF") => {
+            has_pvh_note(&mut file).map_err(|why| format!("{}: {why}", path.display()))
+        }
         GuestFile::Kernel => Err(format!(
             "{} is not an ELF kernel image (vmlinux)",
             path.display()
@@ -167,6 +169,103 @@ pub fn check_guest_file(path: &Path, kind: GuestFile) -> Result<(), String> {
             path.display()
         )),
     }
+}
+
+/// The ELF note type of the PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`), name "Xen".
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// Bounds for parsing a kernel's program headers and notes.
+const MAX_PROGRAM_HEADERS: u16 = 128;
+const MAX_NOTE_SEGMENT: u64 = 1024 * 1024;
+
+/// Whether an ELF file is a 64-bit x86 kernel with a PVH entry note, which husk-vmm boots. Every
+/// offset and size read from the file is bounded before use.
+fn has_pvh_note(file: &mut (impl Read + io::Seek)) -> Result<(), String> {
+    let mut header = [0u8; 64];
+    read_at(file, 0, &mut header).map_err(|e| format!("cannot read the ELF header: {e}"))?;
+    let field = |at: usize, len: usize| header.get(at..at.saturating_add(len)).unwrap_or_default();
+    if field(4, 2) != [2, 1] || le_u16(field(18, 2)) != Some(62) {
+        return Err("not a 64-bit little-endian x86_64 ELF kernel".into());
+    }
+    let ph_offset = le_u64(field(32, 8)).unwrap_or_default();
+    let ph_size = le_u16(field(54, 2)).unwrap_or_default();
+    let ph_count = le_u16(field(56, 2)).unwrap_or_default();
+    if ph_size != 56 || ph_count > MAX_PROGRAM_HEADERS {
+        return Err(format!(
+            "unexpected ELF program headers ({ph_count} of {ph_size} bytes)"
+        ));
+    }
+    for index in 0..u64::from(ph_count) {
+        let mut ph = [0u8; 56];
+        let at = index
+            .checked_mul(56)
+            .and_then(|o| o.checked_add(ph_offset))
+            .ok_or("ELF program header offset overflows")?;
+        read_at(file, at, &mut ph).map_err(|e| format!("cannot read a program header: {e}"))?;
+        let ph_field =
+            |at: usize, len: usize| ph.get(at..at.saturating_add(len)).unwrap_or_default();
+        const PT_NOTE: u32 = 4;
+        if le_u32(ph_field(0, 4)) != Some(PT_NOTE) {
+            continue;
+        }
+        let offset = le_u64(ph_field(8, 8)).unwrap_or_default();
+        let size = le_u64(ph_field(32, 8)).unwrap_or_default();
+        if size > MAX_NOTE_SEGMENT {
+            return Err(format!(
+                "an ELF note segment of {size} bytes is implausibly large"
+            ));
+        }
+        let mut notes = vec![0u8; usize::try_from(size).unwrap_or_default()];
+        read_at(file, offset, &mut notes)
+            .map_err(|e| format!("cannot read a note segment: {e}"))?;
+        if notes_have(&notes, b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY) {
+            return Ok(());
+        }
+    }
+    Err("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build the kernel with CONFIG_PVH=y".into())
+}
+
+/// Whether a note segment holds a note with `name` (NUL included) and `kind`.
+fn notes_have(mut notes: &[u8], name: &[u8], kind: u32) -> bool {
+    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    while notes.len() >= 12 {
+        let word = |at: usize| notes.get(at..at + 4).and_then(le_u32);
+        let (Some(namesz), Some(descsz), Some(note_type)) = (word(0), word(4), word(8)) else {
+            return false;
+        };
+        let (Ok(namesz), Ok(descsz)) = (usize::try_from(namesz), usize::try_from(descsz)) else {
+            return false;
+        };
+        let name_end = 12usize.checked_add(namesz);
+        let note_name = name_end.and_then(|end| notes.get(12..end));
+        if note_type == kind && note_name == Some(name) {
+            return true;
+        }
+        let next = align4(namesz)
+            .and_then(|n| n.checked_add(12))
+            .and_then(|n| align4(descsz).and_then(|d| n.checked_add(d)));
+        match next.and_then(|n| notes.get(n..)) {
+            Some(rest) => notes = rest,
+            None => return false,
+        }
+    }
+    false
+}
+
+fn read_at(file: &mut (impl Read + io::Seek), offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    file.seek(io::SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+fn le_u16(bytes: &[u8]) -> Option<u16> {
+    Some(u16::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn le_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn le_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Checks that `path` is an executable regular file.
@@ -274,11 +373,82 @@ mod tests {
         );
     }
 
+    /// A minimal x86_64 ELF with one PT_NOTE segment holding `notes`.
+    fn elf_with_notes(notes: &[u8]) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 64;
+        elf[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes());
+        elf[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+        elf[ph + 32..ph + 40].copy_from_slice(&(notes.len() as u64).to_le_bytes());
+        elf.extend_from_slice(notes);
+        elf
+    }
+
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        n.extend_from_slice(&kind.to_le_bytes());
+        n.extend_from_slice(name);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n.extend_from_slice(desc);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n
+    }
+
+    #[test]
+    fn pvh_note_is_found_after_other_notes() {
+        let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5]);
+        notes.extend(note(b"Xen\0", 18, &0x0100_0000u32.to_le_bytes()));
+        let elf = elf_with_notes(&notes);
+        has_pvh_note(&mut io::Cursor::new(elf)).unwrap();
+    }
+
+    #[test]
+    fn kernel_without_pvh_note_is_refused() {
+        let elf = elf_with_notes(&note(b"Xen\0", 17, &[0; 4]));
+        let err = has_pvh_note(&mut io::Cursor::new(elf)).unwrap_err();
+        assert!(err.contains("CONFIG_PVH=y"), "{err}");
+    }
+
+    #[test]
+    fn hostile_note_sizes_do_not_panic() {
+        let mut bad = note(b"Xen\0", 18, &[0; 4]);
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!notes_have(&bad, b"Xen\0", 18));
+        bad[0..4].copy_from_slice(&4u32.to_le_bytes());
+        bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad[8..12].copy_from_slice(&17u32.to_le_bytes());
+        assert!(!notes_have(&bad, b"Xen\0", 18));
+        assert!(!notes_have(&[1, 2, 3], b"Xen\0", 18));
+        let mut elf = elf_with_notes(&[]);
+        elf[64 + 32..64 + 40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(has_pvh_note(&mut io::Cursor::new(elf)).is_err());
+        let mut elf = elf_with_notes(&[]);
+        elf[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(has_pvh_note(&mut io::Cursor::new(elf)).is_err());
+    }
+
+    #[test]
+    fn non_x86_64_elf_is_refused() {
+        let mut elf = elf_with_notes(&note(b"Xen\0", 18, &[0; 4]));
+        elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+        let err = has_pvh_note(&mut io::Cursor::new(elf)).unwrap_err();
+        assert!(err.contains("x86_64"), "{err}");
+    }
+
     #[test]
     fn guest_files_are_recognised_by_magic() {
         let dir = tempfile::tempdir().unwrap();
         let elf = dir.path().join("vmlinux");
-        fs::write(&elf, b"\x7fELF\x02\x01rest").unwrap();
+        fs::write(&elf, elf_with_notes(&note(b"Xen\0", 18, &[0; 4]))).unwrap();
         let gz = dir.path().join("initramfs.cpio.gz");
         fs::write(&gz, b"\x1f\x8b\x08\x00").unwrap();
         let cpio = dir.path().join("initramfs.cpio");

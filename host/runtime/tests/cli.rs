@@ -72,6 +72,27 @@ fn save_record(root: &Path, id: &str, status: ContainerState, pid: i32) {
     .unwrap();
 }
 
+/// A minimal x86_64 ELF whose one PT_NOTE segment holds a "Xen" note of type `note_type`
+/// (18 is XEN_ELFNOTE_PHYS32_ENTRY, the PVH entry husk-vmm needs).
+fn pvh_elf(note_type: u32) -> Vec<u8> {
+    let mut note = Vec::new();
+    for word in [4u32, 4, note_type] {
+        note.extend_from_slice(&word.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0\0\0\0\x01");
+    let mut elf = vec![0u8; 120];
+    elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    elf[64..68].copy_from_slice(&4u32.to_le_bytes());
+    elf[72..80].copy_from_slice(&120u64.to_le_bytes());
+    elf[96..104].copy_from_slice(&(note.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&note);
+    elf
+}
+
 fn my_pid() -> i32 {
     i32::try_from(std::process::id()).unwrap()
 }
@@ -250,7 +271,7 @@ fn check_reports_this_hosts_kvm_and_exits_non_zero() {
 fn check_uses_the_configured_guest_files_and_vmm() {
     let (dir, root) = sandbox();
     let kernel = dir.path().join("vmlinux");
-    fs::write(&kernel, b"\x7fELF\x02\x01\x01").unwrap();
+    fs::write(&kernel, pvh_elf(18)).unwrap();
     let initramfs = dir.path().join("initramfs.cpio.gz");
     fs::write(&initramfs, b"\x1f\x8b\x08\x00").unwrap();
     let vmm = dir.path().join("husk-vmm");
@@ -522,4 +543,24 @@ fn podman_style_global_flags_are_accepted() {
         ],
     );
     assert_eq!(run.status, NOT_FOUND, "{}", run.stderr);
+}
+
+#[test]
+fn check_refuses_a_kernel_without_a_pvh_entry() {
+    let (dir, root) = sandbox();
+    let kernel = dir.path().join("vmlinux");
+    fs::write(&kernel, pvh_elf(17)).unwrap();
+    fs::write(
+        root.with_extension("toml"),
+        format!("[guest]\nkernel = {kernel:?}\n"),
+    )
+    .unwrap();
+    let run = husk(&root, &["check"]);
+    assert_eq!(run.status, HOST_NOT_READY);
+    let expected = format!(
+        "FAIL  guest kernel: {}: no PVH entry note",
+        kernel.display()
+    );
+    assert!(run.stdout.contains(&expected), "{}", run.stdout);
+    assert!(run.stdout.contains("CONFIG_PVH=y"), "{}", run.stdout);
 }
