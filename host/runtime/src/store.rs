@@ -141,21 +141,36 @@ impl Store {
 
     /// Claims `id` (creating its directory, 0700) and returns it locked, without a state file
     /// yet. Fails with `AlreadyExists` when the ID is taken.
+    ///
+    /// A directory without state.json whose lock nobody holds is what a `create` that died
+    /// before saving leaves behind: it is reclaimed (with whatever it contains, for the caller
+    /// to clean up), so a crash never makes an ID unusable. Claims are serialised by a lock on
+    /// the root, so a `create` between its mkdir and its lock is never mistaken for such a
+    /// leftover.
     pub fn create(&self, id: &ContainerId) -> Result<ContainerLock, StoreError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.root)
             .map_err(io_error("create the state root", &self.root))?;
+        let _claiming = lock_dir(&self.root, "lock the state root")?;
         let dir = self.container_dir(id);
         match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
+            Ok(()) => ContainerLock::acquire(id.clone(), dir),
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::AlreadyExists(id.clone()))
+                match ContainerLock::try_acquire(id.clone(), dir)? {
+                    Some(lock) if !lock.state_path().exists() => {
+                        tracing::warn!(
+                            "reclaiming {}: left by a create that did not finish",
+                            lock.dir.display()
+                        );
+                        Ok(lock)
+                    }
+                    _ => Err(StoreError::AlreadyExists(id.clone())),
+                }
             }
-            Err(err) => return Err(io_error("create the state directory", &dir)(err)),
+            Err(err) => Err(io_error("create the state directory", &dir)(err)),
         }
-        ContainerLock::acquire(id.clone(), dir)
     }
 
     /// Locks an existing container (waiting for other holders). `NotFound` if it has no state.
@@ -218,15 +233,7 @@ pub struct ContainerLock {
 
 impl ContainerLock {
     fn acquire(id: ContainerId, dir: PathBuf) -> Result<Self, StoreError> {
-        let opened = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&dir);
-        let handle = match opened {
-            Ok(handle) => handle,
-            Err(err) if is_absent(&err) => return Err(StoreError::NotFound(id)),
-            Err(err) => return Err(io_error("open the state directory", &dir)(err)),
-        };
+        let handle = open_dir(&id, &dir)?;
         handle
             .lock()
             .map_err(io_error("lock the state directory", &dir))?;
@@ -235,6 +242,22 @@ impl ContainerLock {
             dir,
             _handle: handle,
         })
+    }
+
+    /// Like `acquire`, but `None` instead of waiting when someone holds the lock.
+    fn try_acquire(id: ContainerId, dir: PathBuf) -> Result<Option<Self>, StoreError> {
+        let handle = open_dir(&id, &dir)?;
+        match handle.try_lock() {
+            Ok(()) => Ok(Some(Self {
+                id,
+                dir,
+                _handle: handle,
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(err)) => {
+                Err(io_error("lock the state directory", &dir)(err))
+            }
+        }
     }
 
     /// The container's ID.
@@ -273,6 +296,26 @@ impl ContainerLock {
         }
         Ok(())
     }
+}
+
+/// Opens a container's directory (to lock it); `NotFound` if there is none.
+fn open_dir(id: &ContainerId, dir: &Path) -> Result<File, StoreError> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir);
+    match opened {
+        Ok(handle) => Ok(handle),
+        Err(err) if is_absent(&err) => Err(StoreError::NotFound(id.clone())),
+        Err(err) => Err(io_error("open the state directory", dir)(err)),
+    }
+}
+
+/// An exclusive lock on a directory, held while the returned file is open.
+fn lock_dir(dir: &Path, action: &'static str) -> Result<File, StoreError> {
+    let handle = File::open(dir).map_err(io_error(action, dir))?;
+    handle.lock().map_err(io_error(action, dir))?;
+    Ok(handle)
 }
 
 /// `<root>/<id>` missing, or a file rather than a directory: no such container.
@@ -493,7 +536,9 @@ mod tests {
         let store = Store::new(root.path().join("husk"));
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..8)
-                .map(|_| scope.spawn(|| store.create(&id("same")).map(|_| ())))
+                // Each winner keeps its lock (returned from the thread) until all are done, as a
+                // create in progress does.
+                .map(|_| scope.spawn(|| store.create(&id("same"))))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -502,6 +547,46 @@ mod tests {
             .iter()
             .filter_map(|r| r.as_ref().err())
             .all(|e| matches!(e, StoreError::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn a_directory_left_by_a_dead_create_is_reclaimed() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        fs::create_dir(root.path().join("a")).unwrap();
+        fs::write(root.path().join("a/vsock.sock"), "").unwrap();
+        let lock = store.create(&id("a")).unwrap();
+        assert!(
+            lock.dir().join("vsock.sock").exists(),
+            "contents are the caller's to clean"
+        );
+    }
+
+    #[test]
+    fn a_create_in_progress_is_not_reclaimed() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        let in_progress = store.create(&id("a")).unwrap();
+        assert!(matches!(
+            store.create(&id("a")),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        drop(in_progress);
+    }
+
+    #[test]
+    fn a_saved_container_is_not_reclaimed_even_unlocked() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        store
+            .create(&id("a"))
+            .unwrap()
+            .save(&record("a", ContainerState::Stopped, None))
+            .unwrap();
+        assert!(matches!(
+            store.create(&id("a")),
+            Err(StoreError::AlreadyExists(_))
+        ));
     }
 
     #[test]
