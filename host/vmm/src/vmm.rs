@@ -241,12 +241,13 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpuid::filter_cpuid(&supported, index, config.vcpus);
+            let cpuid = cpuid::filter_cpuid(&supported, index, config.vcpus, tsc_deadline);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             regs::setup_msrs(&fd)?;
             regs::setup_regs(&fd, kernel.entry)?;

@@ -1,7 +1,9 @@
 //! CPUID for each vCPU: KVM's supported CPUID, filtered.
 //!
 //! - leaf 1: APIC id and logical processor count in EBX, the hypervisor bit set, VMX cleared
-//!   (no nested virtualization), HTT when there is more than one vCPU;
+//!   (no nested virtualization), HTT when there is more than one vCPU, the TSC-deadline timer
+//!   when KVM emulates it (KVM_CAP_TSC_DEADLINE_TIMER; it is not part of the supported CPUID):
+//!   the guest then skips the slow, jitter-prone LAPIC timer calibration against the PIT;
 //! - leaves 4, 0xb, 0x8000_0008, 0x8000_001e: a topology of one socket, one thread per core,
 //!   `vcpu_count` cores, APIC id = vCPU index;
 //! - leaf 6: no energy-performance bias; leaf 0xa: no PMU; leaf 0x8000_0001: SVM cleared;
@@ -19,6 +21,7 @@ const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
 
 const ECX_VMX: u32 = 1 << 5;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_EXT_SVM: u32 = 1 << 2;
@@ -34,7 +37,7 @@ fn id_bits(n: u32) -> u32 {
 }
 
 /// Filters `supported` (from KVM_GET_SUPPORTED_CPUID) for vCPU `cpu_index` of `vcpu_count`.
-pub fn filter_cpuid(supported: &CpuId, cpu_index: u8, vcpu_count: u8) -> CpuId {
+pub fn filter_cpuid(supported: &CpuId, cpu_index: u8, vcpu_count: u8, tsc_deadline: bool) -> CpuId {
     let mut cpuid = supported.clone();
     let apic_id = u32::from(cpu_index);
     let count = u32::from(vcpu_count.max(1));
@@ -43,6 +46,9 @@ pub fn filter_cpuid(supported: &CpuId, cpu_index: u8, vcpu_count: u8) -> CpuId {
             LEAF_FEATURES => {
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (count << 16) | (apic_id << 24);
                 entry.ecx = (entry.ecx | ECX_HYPERVISOR) & !ECX_VMX;
+                if tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -116,19 +122,20 @@ mod tests {
         let mut leaf1 = entry(1, 0);
         leaf1.ecx = ECX_VMX;
         let supported = CpuId::from_entries(&[leaf1]).unwrap();
-        let cpuid = filter_cpuid(&supported, 3, 4);
+        let cpuid = filter_cpuid(&supported, 3, 4, true);
         let e = find(&cpuid, 1, 0);
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(e.ecx & ECX_VMX, 0);
         assert_ne!(e.edx & EDX_HTT, 0);
+        assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
     fn topology_leaf_reports_cores_and_apic_id() {
         let supported = CpuId::from_entries(&[entry(0xb, 0), entry(0xb, 1)]).unwrap();
-        let cpuid = filter_cpuid(&supported, 2, 3);
+        let cpuid = filter_cpuid(&supported, 2, 3, false);
         let core_level = find(&cpuid, 0xb, 1);
         assert_eq!(core_level.ebx, 3);
         assert_eq!(core_level.eax, 2);
