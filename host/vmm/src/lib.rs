@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod fuzzing;
+pub mod guest_log;
 pub mod host_check;
 pub mod layout;
 pub mod memory;

@@ -151,7 +151,7 @@ impl MmioTransport {
     }
 
     fn set_needs_reset(&mut self, why: &dyn std::fmt::Display) {
-        tracing::error!(
+        crate::guest_warn!(
             "virtio device type {} failed, needs reset: {why}",
             self.device.device_type()
         );
@@ -194,7 +194,7 @@ impl MmioTransport {
         let in_setup =
             self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
         if !in_setup {
-            tracing::warn!("queue register 0x{reg_offset:x} written outside queue setup (status 0x{:x}); ignored", self.status);
+            crate::guest_warn!("queue register 0x{reg_offset:x} written outside queue setup (status 0x{:x}); ignored", self.status);
             return None;
         }
         let sel = self.queue_sel;
@@ -202,11 +202,11 @@ impl MmioTransport {
         match queue {
             Some(q) if reg_offset == reg::QUEUE_READY || !q.ready() => Some(q),
             Some(_) => {
-                tracing::warn!("queue {sel} register 0x{reg_offset:x} written while the queue is ready; ignored");
+                crate::guest_warn!("queue {sel} register 0x{reg_offset:x} written while the queue is ready; ignored");
                 None
             }
             None => {
-                tracing::warn!(
+                crate::guest_warn!(
                     "queue register 0x{reg_offset:x} written for nonexistent queue {sel}; ignored"
                 );
                 None
@@ -245,7 +245,9 @@ impl MmioTransport {
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                tracing::warn!("read of unknown virtio-mmio register 0x{offset:x}; returning 0");
+                crate::guest_warn!(
+                    "read of unknown virtio-mmio register 0x{offset:x}; returning 0"
+                );
                 0
             }
         }
@@ -283,7 +285,7 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
-            _ => tracing::warn!("write of 0x{value:x} to read-only or unknown virtio-mmio register 0x{offset:x}; ignored"),
+            _ => crate::guest_warn!("write of 0x{value:x} to read-only or unknown virtio-mmio register 0x{offset:x}; ignored"),
         }
     }
 
@@ -291,7 +293,7 @@ impl MmioTransport {
         let negotiating =
             self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0;
         if !negotiating {
-            tracing::warn!(
+            crate::guest_warn!(
                 "driver features written outside negotiation (status 0x{:x}); ignored",
                 self.status
             );
@@ -302,13 +304,13 @@ impl MmioTransport {
             0 => (0, 0xffff_ffffu64),
             1 => (32, 0xffff_ffff_0000_0000u64),
             other => {
-                tracing::warn!("driver features page {other} does not exist; ignored");
+                crate::guest_warn!("driver features page {other} does not exist; ignored");
                 return;
             }
         };
         let requested = u64::from(value) << shift;
         if requested & !offered != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "driver accepted features it was not offered: 0x{:x}; dropped",
                 requested & !offered
             );
@@ -323,8 +325,8 @@ impl MmioTransport {
                     tracing::error!("cannot signal queue {value}: {e}");
                 }
             }
-            Some(_) => tracing::warn!("queue {value} notified before DRIVER_OK; ignored"),
-            None => tracing::warn!("notification for nonexistent queue {value}; ignored"),
+            Some(_) => crate::guest_warn!("queue {value} notified before DRIVER_OK; ignored"),
+            None => crate::guest_warn!("notification for nonexistent queue {value}; ignored"),
         }
     }
 
@@ -351,7 +353,7 @@ impl MmioTransport {
             return;
         }
         if value & FAILED != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "driver marked virtio device type {} FAILED",
                 self.device.device_type()
             );
@@ -369,7 +371,7 @@ impl MmioTransport {
             _ => 0,
         };
         if value & !NEEDS_RESET != next || next == 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "illegal virtio status transition 0x{:x} -> 0x{value:x}; ignored",
                 self.status
             );
@@ -378,7 +380,7 @@ impl MmioTransport {
         match next & !current {
             FEATURES_OK if self.acked_features & VIRTIO_F_VERSION_1 == 0 => {
                 // Legacy drivers are not supported: leave FEATURES_OK clear, the driver sees it.
-                tracing::warn!("driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
+                crate::guest_warn!("driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
             }
             DRIVER_OK => self.activate(),
             _ => self.status = next | (self.status & NEEDS_RESET),
@@ -423,7 +425,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio read of {} bytes at 0x{offset:x}: registers are 32-bit; returning 0",
                 data.len()
             );
@@ -438,19 +440,19 @@ impl BusDevice for MmioTransport {
                 self.device.write_config(offset - reg::CONFIG, data);
                 self.config_generation = self.config_generation.wrapping_add(1);
             } else {
-                tracing::warn!("config write before DRIVER status; ignored");
+                crate::guest_warn!("config write before DRIVER status; ignored");
             }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio write of {} bytes at 0x{offset:x}: registers are 32-bit; ignored",
                 data.len()
             );
             return;
         };
         if offset % 4 != 0 {
-            tracing::warn!("unaligned virtio-mmio write at 0x{offset:x}; ignored");
+            crate::guest_warn!("unaligned virtio-mmio write at 0x{offset:x}; ignored");
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -128,7 +128,7 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space; devices without writable config ignore it.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             "ignored write of {} bytes at config offset {offset} to device type {}",
             data.len(),
             self.device_type()

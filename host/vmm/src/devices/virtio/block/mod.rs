@@ -130,7 +130,7 @@ impl Block {
             .map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
         if size % SECTOR_SIZE != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "disk image {} is not a multiple of 512 bytes; the last {} bytes are not visible",
                 path.display(),
                 size % SECTOR_SIZE
@@ -267,7 +267,7 @@ impl Block {
         let input = DescBuf::readable(descs);
         let output = DescBuf::writable(descs);
         let Some(status_offset) = output.len().checked_sub(1) else {
-            tracing::warn!("virtio-blk: request without a writable status byte; dropped");
+            crate::guest_warn!("virtio-blk: request without a writable status byte; dropped");
             return 0;
         };
         let mut header = [0u8; HEADER_LEN as usize];
@@ -289,7 +289,7 @@ impl Block {
                 (S_UNSUPP, 0)
             }
             Err(e) => {
-                tracing::warn!("virtio-blk: request failed: {e:?}");
+                crate::guest_warn!("virtio-blk: request failed: {e:?}");
                 (S_IOERR, 0)
             }
         };
@@ -370,7 +370,7 @@ impl Block {
             let used = match collect_chain(chain, max_total, usize::from(QUEUE_SIZE)) {
                 Ok(descs) => self.handle_chain(&active.mem, &descs),
                 Err(e) => {
-                    tracing::warn!("virtio-blk: bad descriptor chain: {e}");
+                    crate::guest_warn!("virtio-blk: bad descriptor chain: {e}");
                     0
                 }
             };

@@ -118,7 +118,7 @@ impl VirtioDevice for Rng {
             let len = match collect_chain(chain, u64::from(u32::MAX), usize::from(QUEUE_SIZE)) {
                 Ok(descs) => Self::fill_chain(&mut self.source, &mut self.buf, &active.mem, &descs),
                 Err(e) => {
-                    tracing::warn!("virtio-rng: bad descriptor chain: {e}");
+                    crate::guest_warn!("virtio-rng: bad descriptor chain: {e}");
                     0
                 }
             };

@@ -109,7 +109,7 @@ impl Vsock {
             let max_total = (HDR_LEN + MAX_PKT_PAYLOAD) as u64;
             match collect_chain(chain, max_total, usize::from(QUEUE_SIZE)) {
                 Ok(descs) => self.handle_tx_chain(&active.mem, &descs),
-                Err(e) => tracing::warn!("vsock: bad tx chain dropped: {e}"),
+                Err(e) => crate::guest_warn!("vsock: bad tx chain dropped: {e}"),
             }
             active
                 .txq
@@ -124,18 +124,18 @@ impl Vsock {
         let input = DescBuf::readable(descs);
         let mut raw = [0u8; HDR_LEN];
         if input.read_at(mem, 0, &mut raw).is_err() {
-            tracing::warn!("vsock: tx packet shorter than its header; dropped");
+            crate::guest_warn!("vsock: tx packet shorter than its header; dropped");
             return;
         }
         let hdr = Header::from_bytes(&raw);
         let available = input.len().saturating_sub(HDR_LEN as u64);
         if let Err(why) = self.validate(&hdr, available) {
-            tracing::warn!("vsock: tx packet dropped: {why} ({hdr:?})");
+            crate::guest_warn!("vsock: tx packet dropped: {why} ({hdr:?})");
             return;
         }
         let mut payload = vec![0u8; hdr.len as usize];
         if input.read_at(mem, HDR_LEN as u64, &mut payload).is_err() {
-            tracing::warn!("vsock: tx payload unreadable; dropped");
+            crate::guest_warn!("vsock: tx payload unreadable; dropped");
             return;
         }
         self.muxer.handle_guest_packet(&hdr, &payload);
@@ -154,7 +154,9 @@ impl Vsock {
                 Ok(descs) => {
                     let out = DescBuf::writable(&descs);
                     if out.len() < HDR_LEN as u64 {
-                        tracing::warn!("vsock: rx buffer smaller than a header; returned empty");
+                        crate::guest_warn!(
+                            "vsock: rx buffer smaller than a header; returned empty"
+                        );
                         0
                     } else {
                         let room =
@@ -166,7 +168,9 @@ impl Vsock {
                                 if ok {
                                     (HDR_LEN + payload.len()) as u32
                                 } else {
-                                    tracing::warn!("vsock: rx buffer not writable; packet lost");
+                                    crate::guest_warn!(
+                                        "vsock: rx buffer not writable; packet lost"
+                                    );
                                     0
                                 }
                             }
@@ -179,7 +183,7 @@ impl Vsock {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("vsock: bad rx chain: {e}");
+                    crate::guest_warn!("vsock: bad rx chain: {e}");
                     0
                 }
             };

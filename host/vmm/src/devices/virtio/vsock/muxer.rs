@@ -224,7 +224,7 @@ impl Muxer {
 
     fn push_control(&mut self, key: Key, op: u16, flags: u32) {
         if self.control.len() >= MAX_CONTROL_PACKETS {
-            tracing::warn!("vsock: control queue full, dropping op {op} for {key:?}");
+            crate::guest_warn!("vsock: control queue full, dropping op {op} for {key:?}");
             return;
         }
         self.control.push_back(Control { key, op, flags });
@@ -321,7 +321,7 @@ impl Muxer {
                     if self.pending.len() >= MAX_PENDING_CLIENTS
                         || stream.set_nonblocking(true).is_err()
                     {
-                        tracing::warn!(
+                        crate::guest_warn!(
                             "vsock: too many clients waiting to send CONNECT; closing one"
                         );
                         continue;
@@ -347,7 +347,7 @@ impl Muxer {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!("vsock: accept failed: {e}");
+                    crate::guest_warn!("vsock: accept failed: {e}");
                     return;
                 }
             }
@@ -383,14 +383,16 @@ impl Muxer {
         let peer_port = match port {
             Ok(p) => p,
             Err(why) => {
-                tracing::warn!("vsock: client rejected: {why}");
+                crate::guest_warn!("vsock: client rejected: {why}");
                 let mut stream = client.stream;
                 let _ = stream.write_all(b"ERROR invalid CONNECT request\n");
                 return;
             }
         };
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: connection limit reached; client to port {peer_port} rejected");
+            crate::guest_warn!(
+                "vsock: connection limit reached; client to port {peer_port} rejected"
+            );
             return;
         }
         let Some(local_port) = self.allocate_local_port(peer_port) else {
@@ -507,7 +509,7 @@ impl Muxer {
                     if in_flight + payload.len() as u64 > u64::from(CONN_BUF_SIZE)
                         || conn.peer_done_sending
                     {
-                        tracing::warn!("vsock: guest overran its credit on {key:?}; resetting");
+                        crate::guest_warn!("vsock: guest overran its credit on {key:?}; resetting");
                         Next::Reset
                     } else {
                         conn.to_host.extend(payload);
@@ -534,7 +536,7 @@ impl Muxer {
                 }
                 op::RST => Next::Remove,
                 other => {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         "vsock: unexpected op {other} on {key:?} in state {:?}; resetting",
                         conn.state
                     );
