@@ -17,12 +17,29 @@ static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// The exit statuses, for `--help` (the constants are in `crate::exit`).
+const EXIT_STATUSES: &str = "\
+Exit status:
+  0  success
+  1  failure without a more specific status (I/O error, corrupt state file)
+  2  usage: unknown verb or flag, unknown --log-format, invalid container ID
+  3  the configuration file is invalid, unreadable, or missing when named with --config
+  4  the container does not exist
+  5  the bundle is invalid
+  6  husk check: this host cannot run husk as configured
+  7  already exists: a container ID, or config.json for spec";
+
 /// The default `--root`: where container state lives (a tmpfs on most hosts, as for runc).
 pub const DEFAULT_ROOT: &str = "/run/husk";
 
 /// husk: an OCI runtime that runs each container in its own KVM microVM.
 #[derive(Debug, Parser)]
-#[command(name = "husk", version = VERSION.as_str(), propagate_version = true)]
+#[command(
+    name = "husk",
+    version = VERSION.as_str(),
+    propagate_version = true,
+    after_help = EXIT_STATUSES
+)]
 pub struct Cli {
     /// Root directory for container state.
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_ROOT)]
@@ -90,4 +107,28 @@ pub enum Command {
     Spec(spec::Args),
     /// Print the state of a container as OCI state JSON.
     State(state::Args),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit;
+
+    #[test]
+    fn help_lists_every_exit_status() {
+        let codes = [
+            exit::SUCCESS,
+            exit::FAILURE,
+            exit::USAGE,
+            exit::CONFIG,
+            exit::NOT_FOUND,
+            exit::BUNDLE,
+            exit::HOST_NOT_READY,
+            exit::ALREADY_EXISTS,
+        ];
+        for code in codes {
+            assert!(EXIT_STATUSES.contains(&format!("\n  {code}  ")), "{code}");
+        }
+        assert_eq!(EXIT_STATUSES.lines().count(), codes.len() + 1);
+    }
 }
