@@ -1,1 +1,595 @@
 //! Shared support for husk's end-to-end tests.
+//!
+//! End-to-end tests boot real guests, so they need a hardware-style KVM. On machines whose
+//! `/dev/kvm` is PVM (our build machines) they run inside the test host: `tests/e2e/run` builds
+//! every test binary of this crate on the machine and runs them all in one test host boot
+//! (`tests/testhost/run`); `make test-e2e` does both. They are never skipped: a missing
+//! prerequisite is a loud panic that says how to get it.
+//!
+//! A test file under `tests/` typically starts with:
+//!
+//! ```no_run
+//! use std::process::Command;
+//! use std::time::Duration;
+//!
+//! husk_e2e::require_real_kvm();
+//! let kernel = husk_e2e::guest_kernel();
+//! let mut qemu = Command::new("qemu-system-x86_64");
+//! qemu.arg("-kernel").arg(&kernel); // ...
+//! let mut guest = husk_e2e::Watched::spawn("qemu", &mut qemu);
+//! let took = guest.expect_marker("husk-agent: started", Duration::from_secs(120));
+//! eprintln!("marker after {took:?}");
+//! // `guest` is killed when dropped.
+//! ```
+//!
+//! The helpers panic on failure (they are for tests); their messages carry what is needed to
+//! understand the failure (captured output, paths, the command to run).
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How to run these tests; part of every "prerequisite missing" panic.
+pub const HOW_TO_RUN: &str = "end-to-end tests need a hardware-backed KVM: run them with \
+     `make test-e2e` (or `tests/e2e/run`), which boots a test host with a real KVM on machines \
+     whose /dev/kvm is PVM or missing, or run a test binary inside `tests/testhost/run -- <binary>`";
+
+/// Why this machine's `/dev/kvm` cannot run a standard guest, or `None` when it can: `/dev/kvm`
+/// must exist, the CPU must show `svm` or `vmx`, and the KVM module must not be PVM.
+pub fn kvm_problem() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist".to_string());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some(
+            "/dev/kvm is PVM (kvm_pvm loaded): it cannot boot a standard guest kernel".to_string(),
+        );
+    }
+    let cpuinfo = match fs::read_to_string("/proc/cpuinfo") {
+        Ok(text) => text,
+        Err(e) => return Some(format!("cannot read /proc/cpuinfo: {e}")),
+    };
+    let hardware = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .any(|flag| flag == "svm" || flag == "vmx");
+    if !hardware {
+        return Some("the CPU shows neither svm nor vmx: /dev/kvm is not hardware-backed".into());
+    }
+    None
+}
+
+/// Panics loudly unless `/dev/kvm` is a hardware-backed KVM (see [`kvm_problem`]). Call it first
+/// in every test that boots a guest.
+pub fn require_real_kvm() {
+    if let Some(problem) = kvm_problem() {
+        panic!("\n\n*** NO USABLE KVM: {problem}.\n*** {HOW_TO_RUN}\n\n");
+    }
+}
+
+/// The checkout's top directory (where `Cargo.toml` of the workspace and `target/` live).
+pub fn repo_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or_else(|e| {
+        panic!(
+            "cannot resolve the checkout's top directory {}: {e}",
+            root.display()
+        )
+    })
+}
+
+/// `target/guest/<name>` of the checkout; panics loudly when it is missing.
+pub fn guest_file(name: &str) -> PathBuf {
+    let path = repo_root().join("target/guest").join(name);
+    if !path.is_file() {
+        panic!(
+            "\n\n*** {} is missing: run `make guest` (it builds the guest kernel and initramfs).\n\n",
+            path.display()
+        );
+    }
+    path
+}
+
+/// The guest kernel built by `make guest`: `target/guest/vmlinux` (an ELF with a PVH entry).
+pub fn guest_kernel() -> PathBuf {
+    guest_file("vmlinux")
+}
+
+/// The guest initramfs built by `make guest`: `target/guest/initramfs.cpio.gz` (`/init` is
+/// `husk-agent`).
+pub fn guest_initramfs() -> PathBuf {
+    guest_file("initramfs.cpio.gz")
+}
+
+/// Finds `program` on `PATH`; panics loudly (naming the Debian package to install) when absent.
+pub fn require_program(program: &str, debian_package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "\n\n*** {program} not found on PATH: install it (apt-get install \
+                 {debian_package}); `make test-e2e` does.\n\n"
+            )
+        })
+}
+
+/// A directory under the system's temporary directory, removed with its contents when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, empty directory named `husk-e2e-<prefix>-<unique>`.
+    pub fn new(prefix: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let name = format!("husk-e2e-{prefix}-{}-{nanos}-{n}", std::process::id());
+            let path = std::env::temp_dir().join(name);
+            match fs::create_dir(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!(
+                    "cannot create the temporary directory {}: {e}",
+                    path.display()
+                ),
+            }
+        }
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("warning: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Why [`Watched::wait_for`] or [`Watched::wait_exit`] gave up. Its `Display` includes the
+/// process's output so far, for assertion messages.
+#[derive(Debug)]
+pub enum WaitError {
+    /// The deadline passed.
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long was waited.
+        waited: Duration,
+        /// The process's output (stdout and stderr interleaved as read), lossily decoded.
+        output: String,
+    },
+    /// The process closed its output (it exited) before the marker appeared.
+    Exited {
+        /// What was awaited.
+        what: String,
+        /// Its exit status, when it could be collected.
+        status: Option<ExitStatus>,
+        /// The process's output, lossily decoded.
+        output: String,
+    },
+}
+
+impl fmt::Display for WaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::Timeout {
+                what,
+                waited,
+                output,
+            } => write!(
+                f,
+                "timed out after {waited:?} waiting for {what}; output so far:\n{output}"
+            ),
+            WaitError::Exited {
+                what,
+                status,
+                output,
+            } => write!(
+                f,
+                "the process ended ({status:?}) before {what}; its output:\n{output}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for WaitError {}
+
+/// Output captured from a [`Watched`] process.
+#[derive(Debug, Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    open_streams: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    captured: Mutex<Captured>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Captured> {
+        self.captured.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A child process whose stdout and stderr are captured (interleaved, as read) and echoed to
+/// the test's stderr (shown by libtest when the test fails). It runs in its own process group;
+/// the group is killed (SIGKILL) and the child reaped when dropped, so a failing assertion never
+/// leaves it (or what it started) behind.
+#[derive(Debug)]
+pub struct Watched {
+    name: String,
+    child: Child,
+    shared: Arc<Shared>,
+    readers: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+}
+
+impl Watched {
+    /// Spawns `command` in a new process group, with stdin from `/dev/null` and stdout/stderr
+    /// captured. `name` prefixes the echoed lines and messages. Panics when the program cannot be
+    /// started.
+    pub fn spawn(name: &str, command: &mut Command) -> Watched {
+        command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
+        let shared = Arc::new(Shared::default());
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(start_reader(name, Stream::Out(out), &shared));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(start_reader(name, Stream::Err(err), &shared));
+        }
+        Watched {
+            name: name.to_string(),
+            child,
+            shared,
+            readers,
+            status: None,
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process wrote so far (stdout and stderr interleaved), lossily decoded.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.shared.lock().bytes).into_owned()
+    }
+
+    /// Waits until `marker` appears in the output, for at most `timeout`; returns how long it
+    /// took.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, WaitError> {
+        let start = Instant::now();
+        let what = format!("{:?} from {}", marker, self.name);
+        let needle = marker.as_bytes();
+        let mut captured = self.shared.lock();
+        loop {
+            if contains(&captured.bytes, needle) {
+                return Ok(start.elapsed());
+            }
+            if captured.open_streams == 0 {
+                drop(captured);
+                let status = self.try_status();
+                return Err(WaitError::Exited {
+                    what,
+                    status,
+                    output: self.output(),
+                });
+            }
+            let waited = start.elapsed();
+            let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
+                drop(captured);
+                return Err(WaitError::Timeout {
+                    what,
+                    waited,
+                    output: self.output(),
+                });
+            };
+            captured = self
+                .shared
+                .changed
+                .wait_timeout(captured, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Like [`Watched::wait_for`], but panics with the captured output when the marker does not
+    /// come.
+    pub fn expect_marker(&mut self, marker: &str, timeout: Duration) -> Duration {
+        match self.wait_for(marker, timeout) {
+            Ok(took) => took,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Waits for the process to exit, for at most `timeout` (then it is left running; drop kills
+    /// it). Its output is fully read when this returns `Ok`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, WaitError> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_status() {
+                self.join_readers();
+                return Ok(status);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(WaitError::Timeout {
+                    what: format!("{} to exit", self.name),
+                    waited,
+                    output: self.output(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20).min(timeout - waited));
+        }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the process only.
+    pub fn signal(&self, signal: i32) {
+        if self.status.is_some() {
+            return;
+        }
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill(2) takes plain integers; the pid is our unreaped child, so it cannot have
+        // been reused by another process.
+        let rc = unsafe { libc::kill(pid, signal) };
+        if rc != 0 {
+            eprintln!(
+                "[{}] kill({pid}, {signal}): {}",
+                self.name,
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Kills the process's group with SIGKILL (if the process still runs), reaps the process and
+    /// collects the rest of its output; returns its exit status.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.kill_group();
+        self.join_readers();
+        self.status
+    }
+
+    fn kill_group(&mut self) {
+        if self.try_status().is_none() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) takes plain integers; the group is the one our unreaped child
+                // leads (process_group(0) at spawn), so its id cannot have been reused.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            // Also the child itself, should the group call have failed.
+            let _ = self.child.kill();
+            match self.child.wait() {
+                Ok(status) => self.status = Some(status),
+                Err(e) => eprintln!("[{}] cannot reap process {}: {e}", self.name, self.id()),
+            }
+        }
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            match self.child.try_wait() {
+                Ok(status) => self.status = status,
+                Err(e) => eprintln!("[{}] cannot poll process {}: {e}", self.name, self.id()),
+            }
+        }
+        self.status
+    }
+
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            if reader.join().is_err() {
+                eprintln!("[{}] an output reader thread panicked", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // The reader threads are not joined: a process that left its own session could keep the
+        // pipes open; they end by themselves when the last writer goes.
+        self.kill_group();
+    }
+}
+
+enum Stream {
+    Out(ChildStdout),
+    Err(ChildStderr),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Out(out) => out.read(buf),
+            Stream::Err(err) => err.read(buf),
+        }
+    }
+}
+
+fn start_reader(name: &str, mut stream: Stream, shared: &Arc<Shared>) -> JoinHandle<()> {
+    shared.lock().open_streams += 1;
+    let shared = Arc::clone(shared);
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        let mut echo = LineEcho::new(&name);
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("[{name}] reading its output failed: {e}");
+                    break;
+                }
+            };
+            let chunk = &buf[..n.min(buf.len())];
+            echo.feed(chunk);
+            shared.lock().bytes.extend_from_slice(chunk);
+            shared.changed.notify_all();
+        }
+        echo.finish();
+        shared.lock().open_streams -= 1;
+        shared.changed.notify_all();
+    })
+}
+
+/// Echoes a stream to stderr line by line, each line prefixed with the process's name.
+struct LineEcho {
+    prefix: String,
+    line: Vec<u8>,
+}
+
+impl LineEcho {
+    fn new(name: &str) -> LineEcho {
+        LineEcho {
+            prefix: format!("[{name}] "),
+            line: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.flush_line();
+            } else if b != b'\r' {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn flush_line(&mut self) {
+        // eprintln! goes through libtest's capture (a plain write to stderr would not).
+        eprintln!("{}{}", self.prefix, String::from_utf8_lossy(&self.line));
+        self.line.clear();
+    }
+
+    fn finish(&mut self) {
+        if !self.line.is_empty() {
+            self.flush_line();
+        }
+        let _ = io::stderr().flush();
+    }
+}
+
+/// Whether `haystack` contains `needle` (an empty needle is always found).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        command
+    }
+
+    #[test]
+    fn wait_for_finds_a_marker_split_across_writes_and_streams_are_both_captured() {
+        let mut p = Watched::spawn("sh", &mut sh("printf 'boot: husk-'; sleep 0.2; printf 'agent: started\\n'; echo oops >&2; sleep 30"));
+
+        let found = p.wait_for("husk-agent: started", Duration::from_secs(20));
+        let err = p.wait_for("oops", Duration::from_secs(20));
+
+        assert!(found.is_ok(), "{:?}", found);
+        assert!(err.is_ok(), "{:?}", err);
+    }
+
+    #[test]
+    fn wait_for_reports_exit_with_the_output_when_the_marker_never_comes() {
+        let mut p = Watched::spawn("sh", &mut sh("echo partial; exit 3"));
+
+        let result = p.wait_for("never", Duration::from_secs(20));
+
+        match result {
+            Err(WaitError::Exited { status, output, .. }) => {
+                assert_eq!(status.and_then(|s| s.code()), Some(3));
+                assert!(output.contains("partial"), "output: {output}");
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_for_times_out_and_drop_kills_the_process() {
+        let mut p = Watched::spawn("sleep", &mut sh("echo waiting; exec sleep 60"));
+        let pid = p.id();
+
+        let result = p.wait_for("never", Duration::from_millis(300));
+        drop(p);
+
+        assert!(
+            matches!(result, Err(WaitError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} still exists after drop"
+        );
+    }
+
+    #[test]
+    fn wait_exit_returns_the_status_and_all_output() {
+        let mut p = Watched::spawn("sh", &mut sh("seq 1 5000; exit 4"));
+
+        let status = p.wait_exit(Duration::from_secs(20));
+
+        assert_eq!(status.ok().and_then(|s| s.code()), Some(4));
+        assert!(p.output().ends_with("4999\n5000\n"));
+    }
+
+    #[test]
+    fn temp_dir_is_created_empty_and_removed_on_drop() {
+        let dir = TempDir::new("unit");
+        let path = dir.path().to_path_buf();
+        fs::write(path.join("f"), b"x").unwrap_or_else(|e| panic!("write: {e}"));
+
+        assert!(path.is_dir());
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn contains_handles_edges() {
+        assert!(contains(b"abc", b""));
+        assert!(contains(b"abc", b"bc"));
+        assert!(!contains(b"ab", b"abc"));
+    }
+}
