@@ -88,12 +88,20 @@ fn join_namespaces(cfg: &InitConfig) -> Result<()> {
         let f = File::open(&path).with_context(|| format!("opening {path}"))?;
         files.push((ns, f));
     }
+    // The container init's root directory: joining the mount namespace moves us to the
+    // namespace's root, which is not the container's root when that was set with chroot (an
+    // initramfs cannot be pivoted away from) or when the agent itself runs chrooted.
+    let root_path = format!("/proc/{}/root", cfg.join_pid);
+    let root = File::open(&root_path).with_context(|| format!("opening {root_path}"))?;
     // The mount namespace last: it changes our root and working directory.
     files.sort_by_key(|(ns, _)| **ns == crate::spec::NsKind::Mount);
     for (ns, f) in &files {
         nix::sched::setns(f.as_raw_fd(), CloneFlags::from_bits_truncate(ns.flag()))
             .with_context(|| format!("joining the container's {} namespace", ns.proc_name()))?;
     }
+    nix::unistd::fchdir(root.as_raw_fd()).context("entering the container's root")?;
+    nix::unistd::chroot(".").context("chroot to the container's root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
     Ok(())
 }
 

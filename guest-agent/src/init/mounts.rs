@@ -152,16 +152,17 @@ fn setup_devices(cfg: &InitConfig, root: &Path) -> Result<()> {
         }
     }
     if cfg.process.terminal {
+        // The pty slave, by its name under our /dev/pts (the link may name it as seen from
+        // outside a chroot).
         let tty = std::fs::read_link("/proc/self/fd/0").context("finding our pty")?;
+        let tty = tty.to_string_lossy().into_owned();
+        let name = tty
+            .rsplit_once("/dev/pts/")
+            .map(|(_, n)| format!("/dev/pts/{n}"))
+            .with_context(|| format!("stdin {tty:?} is not a pty"))?;
         let console = dev.join("console");
         create_target(&console, false)?;
-        do_mount(
-            Some(&tty.to_string_lossy()),
-            &console,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        do_mount(Some(&name), &console, None, MsFlags::MS_BIND, None)?;
     }
     for d in &cfg.devices {
         make_device(root, d)?;
@@ -195,8 +196,20 @@ fn make_device(root: &Path, d: &DeviceOp) -> Result<()> {
 
 fn pivot(root: &Path) -> Result<()> {
     nix::unistd::chdir(root).context("chdir to the rootfs")?;
-    nix::unistd::pivot_root(".", ".").context("pivot_root")?;
-    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+        }
+        // The current root is the initramfs (rootfs), which pivot_root cannot move away from:
+        // move the container's root over / and chroot into it, as runc's --no-pivot does. The
+        // old root stays hidden below the moved mount, in this mount namespace only.
+        Err(nix::errno::Errno::EINVAL) => {
+            tracing::debug!("pivot_root refused (initramfs root); using MS_MOVE + chroot");
+            do_mount(Some("."), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            nix::unistd::chroot(".").context("chroot to the rootfs")?;
+        }
+        Err(e) => return Err(e).context("pivot_root"),
+    }
     nix::unistd::chdir("/").context("chdir /")?;
     Ok(())
 }
