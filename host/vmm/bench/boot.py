@@ -88,16 +88,18 @@ def main():
     ap.add_argument("--memory-mib", type=int, default=256)
     ap.add_argument("--marker", default="husk-agent: started")
     ap.add_argument("--timeout", type=int, default=120)
+    ap.add_argument("--cmdline", default="", help="appended to the kernel command line of both")
     args = ap.parse_args()
     marker = args.marker.encode()
     mem = args.memory_mib
 
     husk = [args.vmm, "--kernel", args.kernel, "--initrd", args.initrd, "--memory-mib", str(mem),
-            "--vcpus", "1", "--console", "-"]
+            "--vcpus", "1", "--console", "-", "--cmdline", args.cmdline]
     qemu = [args.qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
             "-enable-kvm", "-cpu", "host", "-m", str(mem), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", args.kernel, "-initrd", args.initrd, "-append", CMDLINE]
+            "-kernel", args.kernel, "-initrd", args.initrd,
+            "-append", f"{CMDLINE} {args.cmdline}".strip()]
 
     results = {"husk-vmm": [], "qemu-microvm": []}
     for i in range(args.runs):
