@@ -38,21 +38,35 @@ fn do_mount(
 
 /// The flags of the mount at `path` that a bind remount must keep (nosuid, nodev, noexec...).
 fn locked_flags(path: &Path) -> MsFlags {
-    use nix::sys::statvfs::{statvfs, FsFlags};
-    let Ok(st) = statvfs(path) else {
+    // statvfs f_flag bits (linux/statfs.h); spelled out because the libc of musl lacks some.
+    const ST_NOSUID: u64 = 2;
+    const ST_NODEV: u64 = 4;
+    const ST_NOEXEC: u64 = 8;
+    const ST_NOATIME: u64 = 1024;
+    const ST_NODIRATIME: u64 = 2048;
+    const ST_RELATIME: u64 = 4096;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return MsFlags::empty();
     };
-    let f = st.flags();
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a valid C string and writes into a valid struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return MsFlags::empty();
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let bits = st.f_flag as u64;
     let mut out = MsFlags::empty();
     for (fs, ms) in [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        (ST_NOSUID, MsFlags::MS_NOSUID),
+        (ST_NODEV, MsFlags::MS_NODEV),
+        (ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (ST_NOATIME, MsFlags::MS_NOATIME),
+        (ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (ST_RELATIME, MsFlags::MS_RELATIME),
     ] {
-        if f.contains(fs) {
+        if bits & fs != 0 {
             out |= ms;
         }
     }
