@@ -676,6 +676,30 @@ mod tests {
     }
 
     #[test]
+    fn config_write_before_driver_and_bad_feature_page_are_ignored() {
+        let (mut t, _) = transport(false);
+        t.write(reg::CONFIG, &[1, 2, 3, 4]);
+        assert_eq!(read32(&mut t, reg::CONFIG_GENERATION), 0);
+        write32(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        write32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, reg::DRIVER_FEATURES_SEL, 7);
+        write32(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        write32(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        // Features the device does not offer (all of page 0 here) are dropped.
+        write32(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            t.status() & status::FEATURES_OK,
+            0,
+            "VERSION_1 was never accepted"
+        );
+    }
+
+    #[test]
     fn config_space_is_read_through_the_device() {
         let (mut t, _) = transport(false);
         let mut data = [0u8; 1];

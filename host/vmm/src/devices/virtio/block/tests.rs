@@ -274,3 +274,19 @@ fn block_option_parsing() {
     assert!(!"disk.img".parse::<BlockConfig>().unwrap().read_only);
     assert!(",ro".parse::<BlockConfig>().is_err());
 }
+
+#[test]
+fn request_longer_than_the_limit_is_rejected() {
+    let rig = Rig::new(4);
+    write_header(&rig.mem, T_IN, 0);
+    // Three 4 MiB buffers (addresses repeat, which is fine for a length check) exceed 8 MiB.
+    let descs = chain(&[
+        (HDR, 16, R),
+        (0, 0x40_0000, W),
+        (0, 0x40_0000, W),
+        (0, 0x40_0000, W),
+        (STATUS, 1, W),
+    ]);
+    let (status, used) = rig.run(false, &descs);
+    assert_eq!((status, used), (0xff, 0));
+}

@@ -443,3 +443,47 @@ fn reserved_guest_cid_is_refused() {
     .unwrap();
     assert!(matches!(err, VsockError::BadCid(2)));
 }
+
+#[test]
+fn overlong_connect_line_is_refused() {
+    let mem = test_memory();
+    let mut rig = Rig::new(&mem);
+    rig.give_rx(2, RX_BUF_SIZE);
+    let mut client = UnixStream::connect(rig.uds()).unwrap();
+    // One byte past the limit and no newline: the muxer consumes all of it (nothing left
+    // unread, so the close is not a reset) and answers ERROR.
+    client
+        .write_all(&[b'7'; super::muxer::MAX_CONNECT_LINE + 1])
+        .unwrap();
+    rig.backend();
+    rig.backend();
+    assert!(rig.recv().is_empty());
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("ERROR"), "{reply}");
+}
+
+#[test]
+fn duplicate_request_for_an_open_connection_is_reset() {
+    let mem = test_memory();
+    let mut rig = Rig::new(&mem);
+    let (_l, _host) = connect_guest_to_host(&mut rig);
+    rig.send(guest_hdr(1234, 5000, op::REQUEST, 0), &[]);
+    assert_eq!(ops(&rig.recv()), vec![op::RST]);
+}
+
+#[test]
+fn data_before_the_guest_accepted_a_host_connection_resets_it() {
+    let mem = test_memory();
+    let mut rig = Rig::new(&mem);
+    rig.give_rx(4, RX_BUF_SIZE);
+    let mut client = UnixStream::connect(rig.uds()).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    rig.backend();
+    rig.backend();
+    let req = rig.recv()[0].0;
+    // RW while the host is still waiting for RESPONSE is a protocol violation.
+    rig.send(guest_hdr(1024, req.src_port, op::RW, 3), b"abc");
+    assert_eq!(ops(&rig.recv()), vec![op::RST]);
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
