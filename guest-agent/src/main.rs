@@ -134,6 +134,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_pid1() -> ! {
+    pid1::install_panic_hook();
     if let Err(e) = pid1::mount_early_filesystems() {
         pid1::fatal(&format!("{e:#}"));
     }

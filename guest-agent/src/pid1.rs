@@ -1,5 +1,5 @@
 //! Running as the guest's PID 1: the early file systems, the kernel command line, and the
-//! "print why and reboot" exit path for fatal failures.
+//! "print why and end the VM" path for fatal failures.
 
 use std::path::Path;
 
@@ -91,17 +91,33 @@ pub fn mount_early_filesystems() -> Result<()> {
     Ok(())
 }
 
-/// Prints why on the console and reboots (with `reboot=k` the monitor sees the reset and exits).
+/// Prints why on the console and ends the agent. As PID 1 that makes the kernel panic
+/// ("Attempted to kill init!"), and with `panic=-1` (set here too) the guest resets at once: the
+/// monitor stops, and husk-vmm reports the panic with exit status 3, so a failed guest is never
+/// mistaken for one that shut down cleanly (a plain `reboot(2)` would exit 0).
 pub fn fatal(why: &str) -> ! {
     eprintln!("husk-agent: fatal: {why}");
+    reset_on_panic();
     // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
-    // SAFETY: reboot(2) with a valid command; we are PID 1 and own the machine.
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-    // reboot returns only on failure; PID 1 must never exit (the kernel would panic).
-    loop {
-        std::thread::park();
-    }
+    std::process::exit(1)
+}
+
+/// Makes a kernel panic reset the guest at once whatever the command line says (`panic=-1`), so
+/// that a dying agent never leaves a hung VM behind. Best effort: /proc may not be mounted yet.
+fn reset_on_panic() {
+    let _ = std::fs::write("/proc/sys/kernel/panic", "-1");
+}
+
+/// As PID 1, a panic anywhere in the agent is fatal (release builds abort on panic): say so on the
+/// console with the agent's own prefix before the process ends.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("husk-agent: fatal: {info}");
+        reset_on_panic();
+        // SAFETY: sync(2) takes no arguments.
+        unsafe { libc::sync() };
+    }));
 }
 
 #[cfg(test)]

@@ -1,0 +1,338 @@
+//! husk-agent as PID 1 of a real guest booted by husk-vmm (run inside the test host,
+//! `tests/e2e/run`): the host reaches it through the hybrid vsock socket (`CONNECT 1024\n`,
+//! `OK <port>\n`, then ttrpc), checks it, and runs one container end to end from a busybox
+//! root file system on a virtio-blk ext4 image that the agent mounts as sandbox storage.
+//!
+//! Prerequisites are checked, never skipped: a hardware-backed /dev/kvm, `make guest`
+//! (target/guest/{vmlinux,initramfs.cpio.gz}), the husk-vmm binary (HUSK_VMM_BIN or next to this
+//! test's target directory), /bin/busybox static (busybox-static) and mkfs.ext4 (e2fsprogs).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a test failure
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use husk_agent_protocol::agent::{
+    CreateContainerRequest, CreateSandboxRequest, StdioMode, Storage,
+};
+use husk_agent_protocol::client::ExitStatus;
+use husk_agent_protocol::{AgentClient, API_VERSION, BOOT_MARKER, DEFAULT_AGENT_PORT};
+use husk_e2e::{guest_initramfs, guest_kernel, require_real_kvm, TempDir, Watched};
+use serde_json::{json, Value};
+
+/// Generous: under the test host's TCG a boot takes seconds, and the machine may be busy.
+const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+/// How long the vsock handshake is retried after the boot marker.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+/// Where the agent mounts the container image in the guest.
+const GUEST_ROOTFS: &str = "/run/husk/rootfs";
+const GUEST_MEMORY_MIB: u64 = 256;
+const GUEST_CPUS: u32 = 2;
+
+fn vmm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_VMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("husk-vmm");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p husk-vmm, or set HUSK_VMM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// `name` on PATH or in the sbin directories (mkfs is there and root's PATH may lack them).
+fn find_tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: apt-get install {package}"))
+}
+
+/// A 32 MiB ext4 image holding a busybox root file system (static busybox and its applet links).
+fn busybox_ext4_image(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+                .expect("applet link");
+        }
+    }
+    let image = dir.join("rootfs.ext4");
+    let out = Command::new(find_tool("mkfs.ext4", "e2fsprogs"))
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg("32M")
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// husk-vmm with the guest image, its console on stdout (captured by [`Watched`]).
+fn start_vmm(uds: &Path, extra: &[&str]) -> Watched {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("--kernel")
+        .arg(guest_kernel())
+        .arg("--initrd")
+        .arg(guest_initramfs())
+        .args(["--console", "-", "--vcpus"])
+        .arg(GUEST_CPUS.to_string())
+        .arg("--memory-mib")
+        .arg(GUEST_MEMORY_MIB.to_string())
+        .arg("--vsock-uds")
+        .arg(uds)
+        .args(["--guest-cid", "3"])
+        .args(extra);
+    Watched::spawn("husk-vmm", &mut cmd)
+}
+
+/// The hybrid vsock handshake, retried until the agent answers: returns the stream positioned
+/// right after the `OK <port>\n` line.
+fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < CONNECT_DEADLINE {
+        match try_vsock_connect(uds, port) {
+            Ok(stream) => return stream,
+            Err(why) => last = why,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "no vsock connection to guest port {port} through {} in {CONNECT_DEADLINE:?}: {last}",
+        uds.display()
+    );
+}
+
+fn try_vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+    let mut stream = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    // One byte at a time, so nothing after the reply line is consumed.
+    let mut line = Vec::new();
+    let mut reader = BufReader::with_capacity(1, &stream);
+    reader
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let host_port = line
+        .strip_prefix("OK ")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .and_then(|p| p.parse::<u32>().ok());
+    if host_port.is_none() {
+        return Err(format!("reply {line:?}"));
+    }
+    drop(reader);
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+async fn agent_client(uds: &Path) -> AgentClient {
+    let stream = vsock_connect(uds, DEFAULT_AGENT_PORT);
+    stream.set_nonblocking(true).expect("nonblocking");
+    let socket = ttrpc::r#async::transport::Socket::try_from(stream).expect("ttrpc socket");
+    AgentClient::from_socket(socket)
+        .await
+        .expect("Check through vsock")
+}
+
+fn container_spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]
+            },
+            "noNewPrivileges": true
+        },
+        "root": {"path": GUEST_ROOTFS, "readonly": false},
+        "hostname": "in-guest",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_as_pid1_serves_vsock_and_runs_a_container_from_a_block_device() {
+    require_real_kvm();
+    let dir = TempDir::new("agent-guest");
+    let image = busybox_ext4_image(dir.path());
+    let uds = dir.path().join("vsock.sock");
+    let block = image.to_str().expect("utf8 path");
+    let mut vmm = start_vmm(&uds, &["--block", block]);
+
+    let booted = vmm.expect_marker(BOOT_MARKER, BOOT_DEADLINE);
+    let t_connect = Instant::now();
+    let client = agent_client(&uds).await;
+    let connected = t_connect.elapsed();
+
+    let check = client.check().await.expect("Check");
+    assert_eq!(check.api_version, API_VERSION);
+    assert_eq!(check.agent_version, env!("CARGO_PKG_VERSION"));
+    let details = client.guest_details().await.expect("GetGuestDetails");
+    assert!(details.kernel_release.starts_with("6.1"), "{details:?}");
+    assert_eq!(details.cpus, GUEST_CPUS, "{details:?}");
+    let ram = GUEST_MEMORY_MIB << 20;
+    assert!(
+        details.mem_total_bytes > ram / 2 && details.mem_total_bytes <= ram,
+        "MemTotal {} for a {GUEST_MEMORY_MIB} MiB guest",
+        details.mem_total_bytes
+    );
+    assert!(
+        details.mem_available_bytes > 0 && details.mem_available_bytes <= details.mem_total_bytes,
+        "{details:?}"
+    );
+
+    let t_run = Instant::now();
+    client
+        .create_sandbox(&CreateSandboxRequest {
+            sandbox_id: "pod1".into(),
+            hostname: "husk-pod".into(),
+            storages: vec![Storage {
+                source: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                options: vec!["nodev".into()],
+                mount_point: GUEST_ROOTFS.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSandbox mounts /dev/vda");
+    let spec = container_spec(&["sh", "-c", "echo hello; hostname; exit 3"]);
+    let pid = client
+        .create_container(&CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec_json: spec.to_string().into_bytes(),
+            stdio: StdioMode::STDIO_PIPES.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateContainer");
+    assert!(pid > 1, "container init pid {pid}");
+    client.start_container("c1").await.expect("StartContainer");
+    let (stdout, stderr, exit) = tokio::join!(
+        client.read_to_end(false, "c1", "", 1 << 20),
+        client.read_to_end(true, "c1", "", 1 << 20),
+        client.wait_process("c1", ""),
+    );
+    let stdout = String::from_utf8_lossy(&stdout.expect("ReadStdout")).into_owned();
+    let stderr = String::from_utf8_lossy(&stderr.expect("ReadStderr")).into_owned();
+    assert_eq!(stdout, "hello\nin-guest\n", "stderr: {stderr}");
+    assert_eq!(stderr, "");
+    assert_eq!(
+        exit.expect("WaitProcess"),
+        ExitStatus { code: 3, signal: 0 }
+    );
+    client
+        .remove_container("c1")
+        .await
+        .expect("RemoveContainer");
+    let gone = client.list_processes("c1").await;
+    assert_eq!(
+        gone.as_ref().err().and_then(|e| e.code()),
+        Some(ttrpc::Code::NOT_FOUND),
+        "{gone:?}"
+    );
+    client
+        .destroy_sandbox("pod1")
+        .await
+        .expect("DestroySandbox");
+    let ran = t_run.elapsed();
+
+    // The agent stays up: a second connection is served after all that.
+    let again = agent_client(&uds).await;
+    again.check().await.expect("Check on a second connection");
+    drop(again);
+    drop(client);
+
+    // The API has no power-off call: the host stops the VM, which must end cleanly.
+    let t_stop = Instant::now();
+    vmm.signal(libc::SIGTERM);
+    let status = vmm
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stopped = t_stop.elapsed();
+    assert_eq!(status.code(), Some(0), "husk-vmm after SIGTERM");
+    assert!(!uds.exists(), "husk-vmm removes its vsock socket on exit");
+    let console = vmm.output();
+    assert!(
+        !console.contains("husk-agent: fatal"),
+        "the agent reported a fatal error:\n{console}"
+    );
+    eprintln!(
+        "agent-in-guest timings: marker {:.2}s after husk-vmm started, vsock+Check {:.0} ms, \
+         sandbox+container+destroy {:.0} ms, SIGTERM to exit {:.0} ms",
+        booted.as_secs_f64(),
+        connected.as_secs_f64() * 1e3,
+        ran.as_secs_f64() * 1e3,
+        stopped.as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn a_fatal_agent_error_is_printed_and_ends_the_vm_with_a_failure() {
+    require_real_kvm();
+    let dir = TempDir::new("agent-fatal");
+    let uds = dir.path().join("vsock.sock");
+    let mut vmm = start_vmm(&uds, &["--cmdline", "husk.agent_port=nonsense"]);
+
+    let status = vmm
+        .wait_exit(BOOT_DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let console = vmm.output();
+    assert!(
+        console.contains("husk-agent: fatal: husk.agent_port=\"nonsense\" is not a port number"),
+        "console:\n{console}"
+    );
+    assert!(!console.contains(BOOT_MARKER), "console:\n{console}");
+    // PID 1 exits: the kernel panics, resets at once, and husk-vmm reports the panic.
+    assert_eq!(status.code(), Some(3), "console:\n{console}");
+}
