@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::fs::{FsConfig, VirtioFs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
@@ -171,6 +172,43 @@ pub fn fuzz_block(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// virtio-fs over a fresh temporary share (a file, a directory, symlinks to a decoy directory
+/// next to it), both removed afterwards: queues and FUSE messages from the input, the request
+/// queue processed before the hiprio queue, twice. Panics if the decoy outside the share
+/// changed: the guest escaped.
+pub fn fuzz_fs(data: &[u8]) {
+    const SECRET: &[u8] = b"outside the share";
+    let dir = temp_path("fs");
+    let outside = dir.with_extension("outside");
+    let populate = || -> std::io::Result<()> {
+        std::fs::create_dir(&outside)?;
+        std::fs::write(outside.join("secret"), SECRET)?;
+        std::fs::create_dir(&dir)?;
+        std::fs::write(dir.join("f"), b"0123456789abcdef")?;
+        std::fs::create_dir(dir.join("d"))?;
+        std::os::unix::fs::symlink(&outside, dir.join("l"))?;
+        let relative = std::path::Path::new("..").join(outside.file_name().unwrap_or_default());
+        std::os::unix::fs::symlink(relative, dir.join("d").join("r"))
+    };
+    if populate().is_ok() {
+        let config = FsConfig {
+            path: dir.clone(),
+            tag: "fuzz".into(),
+        };
+        if let Ok(mut dev) = VirtioFs::new(&config) {
+            activate_and_kick(&mut dev, data);
+        }
+        let entries = std::fs::read_dir(&outside).map(|d| d.count()).unwrap_or(0);
+        let secret = std::fs::read(outside.join("secret")).unwrap_or_default();
+        assert!(
+            entries == 1 && secret == SECRET,
+            "virtio-fs: the guest changed a directory outside its share"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
 /// The virtio-mmio transport with virtio-rng behind it. Byte 0 bit 0: run the driver's normal
 /// bring-up first (so the fuzzer starts from an active device). The next 512 bytes seed guest
 /// memory; the rest is a sequence of register accesses `[op, off_lo, off_hi, v0..v3]`
@@ -257,6 +295,7 @@ mod tests {
             fuzz_vsock(&input);
             fuzz_block(&input);
             fuzz_mmio(&input);
+            fuzz_fs(&input);
         }
     }
 
@@ -267,6 +306,7 @@ mod tests {
             fuzz_vsock(&input);
             fuzz_block(&input);
             fuzz_mmio(&input);
+            fuzz_fs(&input);
         }
     }
 }

@@ -16,7 +16,7 @@ Exit status:
   2  invalid command line
   3  the guest kernel panicked (\"Kernel panic - not syncing\" seen on the console)
   4  /dev/kvm cannot run a standard guest (missing, PVM backend, no VMX/SVM)
-  5  the kernel, initrd or a disk image is missing or invalid
+  5  the kernel, initrd, a disk image or a shared directory is missing or invalid
   6  a vCPU failed (KVM internal error, emulation failure, failed VM entry)";
 
 /// husk's virtual machine monitor: boots an x86_64 Linux kernel (ELF vmlinux, PVH entry)
@@ -57,6 +57,12 @@ struct Args {
     /// The guest's vsock CID (3 ..= 2^32-2); needs --vsock-uds.
     #[arg(long, value_name = "N", requires = "vsock_uds")]
     guest_cid: Option<u64>,
+    /// Share a host directory with the guest over virtio-fs; the guest mounts it with
+    /// "mount -t virtiofs TAG DIR". PATH must be an existing directory; TAG is 1 to 36 bytes of
+    /// printable ASCII (no ',' or spaces). The guest cannot leave PATH (symlinks are not
+    /// followed on the host, no device nodes are opened). Repeatable, one tag each.
+    #[arg(long, value_name = "PATH,tag=TAG")]
+    fs: Vec<husk_vmm::devices::virtio::fs::FsConfig>,
     /// Do not add the virtio-rng entropy device.
     #[arg(long)]
     no_rng: bool,
@@ -91,6 +97,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         allow_emulated_kvm: args.allow_emulated_kvm,
         rng: !args.no_rng,
         blocks: args.block,
+        filesystems: args.fs,
         vsock: args
             .vsock_uds
             .zip(args.guest_cid)

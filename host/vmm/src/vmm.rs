@@ -18,6 +18,7 @@ use crate::boot::{self, BootError};
 use crate::device_manager::{DeviceManager, DeviceManagerError, VirtioEntry};
 use crate::devices::serial::ConsoleWriter;
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::fs::{FsConfig, FsError, VirtioFs};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::Bus;
@@ -52,6 +53,8 @@ pub struct VmConfig {
     pub blocks: Vec<BlockConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shared directories.
+    pub filesystems: Vec<FsConfig>,
 }
 
 /// Errors while building or running a VM.
@@ -103,6 +106,9 @@ pub enum VmError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(crate::devices::virtio::vsock::VsockError),
+    /// A shared directory could not be set up.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// Host I/O (eventfd, epoll, threads).
     #[error("{what}: {err}")]
     Io {
@@ -121,7 +127,8 @@ impl VmError {
             VmError::Boot(BootError::Cmdline(_)) | VmError::BadVcpus(_) => ExitCode::Usage,
             VmError::Boot(_) => ExitCode::BadImage,
             VmError::Memory(MemoryError::BadSize(_)) => ExitCode::Usage,
-            VmError::DeviceSetup { .. } | VmError::Block(_) => ExitCode::BadImage,
+            VmError::Fs(FsError::BadTag(_) | FsError::DuplicateTag(_)) => ExitCode::Usage,
+            VmError::DeviceSetup { .. } | VmError::Block(_) | VmError::Fs(_) => ExitCode::BadImage,
             _ => ExitCode::InternalError,
         }
     }
@@ -232,6 +239,13 @@ impl Vm {
         if let Some(vsock) = &config.vsock {
             let dev = Vsock::new(vsock).map_err(VmError::Vsock)?;
             dm.add_virtio(&vm_fd, &mem, Box::new(dev))?;
+        }
+        // Last: PassthroughFs sets the umask to 0, after the vsock socket exists.
+        for (i, fs) in config.filesystems.iter().enumerate() {
+            if config.filesystems.iter().take(i).any(|o| o.tag == fs.tag) {
+                return Err(FsError::DuplicateTag(fs.tag.clone()).into());
+            }
+            dm.add_virtio(&vm_fd, &mem, Box::new(VirtioFs::new(fs)?))?;
         }
 
         let cmdline = boot::build_cmdline(&dm.cmdline_entries(), &config.cmdline)?;

@@ -162,6 +162,7 @@ pub fn config(kernel: PathBuf, console: &Console, vcpus: u8) -> VmConfig {
         rng: true,
         blocks: Vec::new(),
         vsock: None,
+        filesystems: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! one folder per device.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

@@ -1,0 +1,345 @@
+//! virtio-fs: shares a host directory with the guest (`mount -t virtiofs TAG /mnt`).
+//!
+//! FUSE requests arrive on a high-priority queue (FORGET, INTERRUPT) and one request queue; both
+//! are served the same way, on the event loop: the chain is validated (bounds, direction, size),
+//! then fuse-backend-rs's virtio-fs [`Server`] decodes the request and runs it on its
+//! [`PassthroughFs`] rooted at the shared directory.
+//!
+//! Confinement to the shared directory rests on PassthroughFs's design and on its configuration
+//! here: every inode is an `O_PATH | O_NOFOLLOW` fd opened relative to its parent's fd (symlinks
+//! are never followed on the host; the guest resolves them itself); `..` of the root is the root;
+//! only regular files and directories are ever opened (no device nodes, FIFOs or sockets);
+//! file handles (`open_by_handle_at`), extended attributes and DAX are off.
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::{
+    collect_chain, ActivateContext, ChainError, DescBuf, DeviceError, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMem;
+
+/// Device type: file system.
+pub const TYPE_FS: u32 = 26;
+/// Longest tag (the config space field is 36 bytes, NUL-padded).
+pub const TAG_MAX_LEN: usize = 36;
+/// Number of request queues (offered in the config space; the hiprio queue comes first).
+pub const NUM_REQUEST_QUEUES: u32 = 1;
+/// Size of the high-priority queue (FORGET, INTERRUPT).
+pub const HIPRIO_QUEUE_SIZE: u16 = 128;
+/// Size of each request queue. Linux caps a request at `queue size - 4` pages (and at 256), so
+/// 1024 lets it send 1 MiB reads and writes.
+pub const REQUEST_QUEUE_SIZE: u16 = 1024;
+/// Largest chain accepted (both directions together): the FUSE server's 1 MiB buffer plus
+/// headers, with room to spare.
+pub const MAX_CHAIN_BYTES: u64 = 2 << 20;
+/// Most descriptors in one chain.
+pub const MAX_CHAIN_DESCS: usize = REQUEST_QUEUE_SIZE as usize;
+/// Size of the FUSE request header (`fuse_in_header`).
+pub const FUSE_IN_HEADER_LEN: u64 = 40;
+/// Size of the FUSE reply header (`fuse_out_header`).
+pub const FUSE_OUT_HEADER_LEN: u64 = 16;
+/// Config space: tag[36], then num_request_queues (le32).
+const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+const QUEUE_SIZES: [u16; 1 + NUM_REQUEST_QUEUES as usize] = [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE];
+
+/// `--fs PATH,tag=TAG`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The shared directory (canonical: symlinks in the path given by the user are resolved
+    /// once, here).
+    pub path: PathBuf,
+    /// The tag the guest mounts.
+    pub tag: String,
+}
+
+/// Checks a virtio-fs tag: 1 to 36 bytes of printable ASCII other than ','.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() {
+        return Err("the virtio-fs tag is empty".into());
+    }
+    if tag.len() > TAG_MAX_LEN {
+        return Err(format!(
+            "the virtio-fs tag {tag:?} is {} bytes long; at most {TAG_MAX_LEN} are allowed",
+            tag.len()
+        ));
+    }
+    if let Some(c) = tag.chars().find(|c| !c.is_ascii_graphic() || *c == ',') {
+        return Err(format!(
+            "the virtio-fs tag {tag:?} contains {c:?}; only printable ASCII without ',' or spaces is allowed"
+        ));
+    }
+    Ok(())
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, option) = s
+            .rsplit_once(',')
+            .ok_or_else(|| format!("{s:?}: expected PATH,tag=TAG"))?;
+        let tag = option
+            .strip_prefix("tag=")
+            .ok_or_else(|| format!("unknown virtio-fs option {option:?} (expected tag=TAG)"))?;
+        validate_tag(tag)?;
+        if path.is_empty() {
+            return Err("empty shared directory path".into());
+        }
+        let path =
+            std::fs::canonicalize(path).map_err(|e| format!("shared directory {path}: {e}"))?;
+        if !path.is_dir() {
+            return Err(format!(
+                "shared directory {}: not a directory",
+                path.display()
+            ));
+        }
+        if path.to_str().is_none() {
+            return Err(format!(
+                "shared directory {}: the path is not UTF-8",
+                path.display()
+            ));
+        }
+        Ok(FsConfig {
+            path,
+            tag: tag.to_string(),
+        })
+    }
+}
+
+/// Errors while creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The tag is invalid.
+    #[error("{0}")]
+    BadTag(String),
+    /// Two shared directories have the same tag.
+    #[error("the virtio-fs tag {0:?} is used twice")]
+    DuplicateTag(String),
+    /// The shared directory path cannot be used.
+    #[error("shared directory {0}: the path must be UTF-8 without NUL bytes")]
+    BadPath(PathBuf),
+    /// The passthrough file system could not open the shared directory.
+    #[error("cannot share the directory {path}: {err}")]
+    Open {
+        /// The shared directory.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+}
+
+/// Why one request failed (the chain is returned with nothing written).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The chain failed validation.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The readable part cannot hold a FUSE header.
+    #[error("request of {0} readable bytes is shorter than the FUSE header")]
+    ShortHeader(u64),
+    /// The writable part is smaller than a FUSE reply header (FORGET aside).
+    #[error("reply buffer of {0} bytes is shorter than the FUSE reply header")]
+    ShortReply(u64),
+    /// The buffers could not be mapped.
+    #[error("cannot map the descriptor buffers: {0}")]
+    Buffers(fuse_backend_rs::transport::Error),
+    /// The FUSE server rejected the message.
+    #[error("FUSE request failed: {0}")]
+    Fuse(fuse_backend_rs::Error),
+}
+
+type Fs = PassthroughFs<()>;
+
+struct Active {
+    mem: GuestMem,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The virtio-fs device.
+pub struct VirtioFs {
+    tag: String,
+    fs: Arc<Fs>,
+    server: Server<Arc<Fs>>,
+    active: Option<Active>,
+}
+
+/// The passthrough configuration: confinement first (no file handles, no xattrs, no DAX, no
+/// mount-id games), close-to-open caching as the guest expects of a local file system.
+fn passthrough_config(root: &Path) -> Result<PassthroughConfig, FsError> {
+    let root_dir = root
+        .to_str()
+        .filter(|s| !s.contains('\0'))
+        .ok_or_else(|| FsError::BadPath(root.to_path_buf()))?
+        .to_string();
+    Ok(PassthroughConfig {
+        root_dir,
+        cache_policy: CachePolicy::Auto,
+        writeback: false,
+        xattr: false,
+        do_import: true,
+        inode_file_handles: false,
+        dax_file_size: None,
+        seal_size: false,
+        enable_mntid: false,
+        use_host_ino: false,
+        killpriv_v2: false,
+        no_open: false,
+        no_opendir: false,
+        no_readdir: false,
+        ..PassthroughConfig::default()
+    })
+}
+
+impl VirtioFs {
+    /// Shares `config.path` under `config.tag`.
+    ///
+    /// PassthroughFs sets the process umask to 0 (the guest's mode bits are applied as sent), so
+    /// the monitor creates its own files (console, vsock socket) before this.
+    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        validate_tag(&config.tag).map_err(FsError::BadTag)?;
+        let open_err = |err| FsError::Open {
+            path: config.path.clone(),
+            err,
+        };
+        let fs = Fs::new(passthrough_config(&config.path)?).map_err(open_err)?;
+        fs.import().map_err(open_err)?;
+        let fs = Arc::new(fs);
+        Ok(VirtioFs {
+            tag: config.tag.clone(),
+            server: Server::new(fs.clone()),
+            fs,
+            active: None,
+        })
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        for (dst, src) in config.iter_mut().zip(self.tag.bytes().take(TAG_MAX_LEN)) {
+            *dst = src;
+        }
+        if let Some(n) = config.get_mut(TAG_MAX_LEN..) {
+            n.copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        }
+        config
+    }
+
+    /// Serves one request; returns the number of bytes written into the chain.
+    fn serve(
+        server: &Server<Arc<Fs>>,
+        mem: &GuestMem,
+        chain: DescriptorChain<&GuestMem>,
+    ) -> Result<u32, RequestError> {
+        let descs = collect_chain(chain.clone(), MAX_CHAIN_BYTES, MAX_CHAIN_DESCS)?;
+        let readable = DescBuf::readable(&descs).len();
+        if readable < FUSE_IN_HEADER_LEN {
+            return Err(RequestError::ShortHeader(readable));
+        }
+        let writable = DescBuf::writable(&descs).len();
+        if writable != 0 && writable < FUSE_OUT_HEADER_LEN {
+            return Err(RequestError::ShortReply(writable));
+        }
+        // The buffers are mapped again from the chain; every one is bounds-checked against guest
+        // memory again there, so a guest rewriting its descriptors meanwhile only confuses itself.
+        let reader =
+            Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::Buffers)?;
+        let writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::Buffers)?;
+        let written = server
+            .handle_message(reader, writer.into(), None, None)
+            .map_err(RequestError::Fuse)?;
+        // The writer never exceeds the writable length, itself at most MAX_CHAIN_BYTES.
+        Ok(u32::try_from(written).unwrap_or(0))
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = self.config_space();
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = config.get(start..) {
+            for (dst, b) in data.iter_mut().zip(src) {
+                *dst = *b;
+            }
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
+        if ctx.queues.len() != QUEUE_SIZES.len() {
+            return Err(DeviceError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: ctx.queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queues: ctx.queues,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        // Forget every inode and open file the old driver had; the next driver starts with
+        // FUSE_INIT on a fresh root.
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.fs);
+    }
+
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let queue = active
+            .queues
+            .get_mut(index)
+            .ok_or(DeviceError::NoSuchQueue(index))?;
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let len = match Self::serve(&self.server, &active.mem, chain) {
+                Ok(len) => len,
+                Err(e) => {
+                    crate::guest_warn!("virtio-fs {}: queue {index}: {e}", self.tag);
+                    0
+                }
+            };
+            queue
+                .add_used(&active.mem, head, len)
+                .map_err(DeviceError::Queue)?;
+            used_any = true;
+        }
+        if used_any
+            && queue
+                .needs_notification(&active.mem)
+                .map_err(DeviceError::Queue)?
+        {
+            active.interrupt.signal_used();
+        }
+        Ok(())
+    }
+}
