@@ -46,7 +46,7 @@ test-e2e: guest build vmm-echo-image
 
 test: fmt-check clippy unit test-e2e
 
-demo: guest
+demo: guest build
 	tests/demo
 
 clean:
