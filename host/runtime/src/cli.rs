@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::commands::{check, features, list, spec, state};
+use crate::commands::{
+    check, create, delete, events, exec, features, kill, list, pause, ps, run, sandbox_supervisor,
+    spec, start, state, update,
+};
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::logging::LogFormat;
 
@@ -84,6 +87,20 @@ impl Cli {
         std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone())
     }
 
+    /// Where log lines go: `--log`, or for the sandbox supervisor (whose standard error is the
+    /// container's) its state directory's `supervisor.log`.
+    pub fn log_path(&self) -> Option<PathBuf> {
+        if let Some(log) = &self.log {
+            return Some(log.clone());
+        }
+        match &self.command {
+            Command::SandboxSupervisor(args) => crate::id::ContainerId::new(&args.id)
+                .ok()
+                .map(|id| self.root().join(id.as_str()).join("supervisor.log")),
+            _ => None,
+        }
+    }
+
     /// The configuration file to read, and whether the user named it explicitly.
     pub fn config_path(&self) -> (PathBuf, bool) {
         match &self.config {
@@ -107,6 +124,31 @@ pub enum Command {
     Spec(spec::Args),
     /// Print the state of a container as OCI state JSON.
     State(state::Args),
+    /// Create a container in its own microVM; its process waits for `start`.
+    Create(create::Args),
+    /// Run the process of a created container.
+    Start(start::Args),
+    /// Create and start a container; wait for it and exit with its status (unless --detach).
+    Run(run::Args),
+    /// Send a signal to a container's process (default SIGTERM).
+    Kill(kill::Args),
+    /// Delete a stopped container (--force: any container) and everything it holds.
+    Delete(delete::Args),
+    /// Run a new process in a running container; exit with its status.
+    Exec(exec::Args),
+    /// List the processes of a container (their PIDs in the guest).
+    Ps(ps::Args),
+    /// Freeze every process of a running container.
+    Pause(pause::Args),
+    /// Thaw a paused container.
+    Resume(pause::Args),
+    /// Apply new resource limits to a container.
+    Update(update::Args),
+    /// Print a container's statistics and OOM events.
+    Events(events::Args),
+    /// Internal: the long-lived process of one container, started by create.
+    #[command(hide = true)]
+    SandboxSupervisor(sandbox_supervisor::Args),
 }
 
 #[cfg(test)]

@@ -3,20 +3,24 @@
 //! maps errors to exit statuses.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agent;
 pub mod bundle;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod container;
 pub mod exit;
 pub mod hooks;
 pub mod host;
 pub mod id;
 pub mod lifecycle;
 pub mod logging;
+pub mod relay;
 pub mod sandbox;
 pub mod share;
 pub mod signal;
 pub mod sizing;
 pub mod store;
+pub mod supervisor;
 pub mod vsock;

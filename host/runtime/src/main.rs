@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Err(err) = logging::init(cli.log.as_deref(), cli.log_format, cli.debug) {
+    if let Err(err) = logging::init(cli.log_path().as_deref(), cli.log_format, cli.debug) {
         eprintln!("husk: {err}");
         return ExitCode::from(exit::FAILURE);
     }
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         Ok(status) => ExitCode::from(status),
         Err(err) => {
             // Every error's message already includes its cause, so the chain is not printed.
-            if cli.log.is_some() {
+            if cli.log_path().is_some() {
                 // Engines read the reason from the log file; users read standard error.
                 tracing::error!("{err}");
             }

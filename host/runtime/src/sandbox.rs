@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <root>/<id>/vsock.sock       husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
-//! <root>/<id>/shared/          the virtio-fs share (see `share`)
+//! <root>/<id>/shared/          the virtio-fs share (see `share`), tag [`SHARE_TAG`]
+//! <root>/<id>/vmm.pid          husk-vmm's PID (so `delete` can make sure it is gone)
+//! <root>/<id>/vmm.log          husk-vmm's own standard output and error
 //! <console.log_dir>/<id>.log   the guest's serial console, capped at console.max_bytes
 //! ```
 
@@ -19,6 +21,10 @@ use crate::store::Store;
 pub const GUEST_CID: u64 = 3;
 /// The vsock port husk-agent listens on.
 pub const AGENT_PORT: u32 = 1024;
+/// The hybrid vsock socket's name in the container's directory.
+pub const VSOCK_FILE: &str = "vsock.sock";
+/// The virtio-fs tag of the sandbox's share; the agent mounts it at `share::GUEST_SHARE_DIR`.
+pub const SHARE_TAG: &str = "husk-shared";
 /// The longest Unix socket path (`sun_path` is 108 bytes with its terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 /// husk-vmm also creates `<vsock.sock>_<port>` listeners for guest-initiated connections:
@@ -35,6 +41,9 @@ pub enum SandboxError {
         len: usize,
         max: usize,
     },
+    /// husk-vmm's `--fs PATH,tag=TAG` cannot carry a path with a comma.
+    #[error("the share path {0} contains a comma, which husk-vmm's --fs cannot carry: use another --root")]
+    CommaInPath(PathBuf),
 }
 
 /// Where a sandbox's files are.
@@ -48,6 +57,10 @@ pub struct SandboxPaths {
     pub shared: PathBuf,
     /// `<console.log_dir>/<id>.log`.
     pub console: PathBuf,
+    /// husk-vmm's PID, written by the supervisor once it started it.
+    pub vmm_pid: PathBuf,
+    /// husk-vmm's standard output and error.
+    pub vmm_log: PathBuf,
 }
 
 impl SandboxPaths {
@@ -55,7 +68,7 @@ impl SandboxPaths {
     /// husk-vmm adds for guest-initiated connections) would be too long.
     pub fn new(store: &Store, config: &Config, id: &ContainerId) -> Result<Self, SandboxError> {
         let dir = store.container_dir(id);
-        let vsock = dir.join("vsock.sock");
+        let vsock = dir.join(VSOCK_FILE);
         let len = vsock.as_os_str().len().saturating_add(PORT_SUFFIX);
         if len > MAX_SOCKET_PATH {
             return Err(SandboxError::SocketPathTooLong {
@@ -64,9 +77,15 @@ impl SandboxPaths {
                 max: MAX_SOCKET_PATH,
             });
         }
+        let shared = dir.join("shared");
+        if shared.as_os_str().as_encoded_bytes().contains(&b',') {
+            return Err(SandboxError::CommaInPath(shared));
+        }
         Ok(Self {
-            shared: dir.join("shared"),
+            shared,
             console: config.console.log_dir.join(format!("{id}.log")),
+            vmm_pid: dir.join("vmm.pid"),
+            vmm_log: dir.join("vmm.log"),
             vsock,
             dir,
         })
@@ -90,6 +109,9 @@ pub fn vmm_args(config: &Config, size: VmSize, paths: &SandboxPaths) -> Vec<OsSt
         config.console.max_bytes.to_string().into(),
     );
     push("--vsock-uds", paths.vsock.clone().into());
+    let mut fs = paths.shared.clone().into_os_string();
+    fs.push(format!(",tag={SHARE_TAG}"));
+    push("--fs", fs);
     push("--guest-cid", GUEST_CID.to_string().into());
     push("--cmdline", format!("husk.agent_port={AGENT_PORT}").into());
     args
@@ -147,6 +169,12 @@ mod tests {
     }
 
     #[test]
+    fn roots_with_a_comma_are_refused() {
+        let err = SandboxPaths::new(&Store::new("/run/a,b"), &config(), &id("c1")).unwrap_err();
+        assert!(matches!(err, SandboxError::CommaInPath(_)), "{err}");
+    }
+
+    #[test]
     fn vmm_command_line() {
         let config = config();
         let paths = SandboxPaths::new(&Store::new("/run/husk"), &config, &id("c1")).unwrap();
@@ -175,6 +203,8 @@ mod tests {
                 "16777216",
                 "--vsock-uds",
                 "/run/husk/c1/vsock.sock",
+                "--fs",
+                "/run/husk/c1/shared,tag=husk-shared",
                 "--guest-cid",
                 "3",
                 "--cmdline",

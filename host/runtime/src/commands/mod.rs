@@ -2,20 +2,36 @@
 //! returns the exit status or a [`CommandError`].
 
 pub mod check;
+pub mod create;
+pub mod delete;
+pub mod events;
+pub mod exec;
 pub mod features;
+pub mod kill;
 pub mod list;
+pub mod pause;
+pub mod ps;
+pub mod run;
+pub mod sandbox_supervisor;
 pub mod spec;
+pub mod start;
 pub mod state;
+pub mod update;
 
 use std::io::{self, Write};
 
+use crate::agent::AgentError;
 use crate::bundle::BundleError;
 use crate::cli::{Cli, Command};
 use crate::config::ConfigError;
 use crate::exit;
+use crate::hooks::HookError;
 use crate::id::IdError;
+use crate::lifecycle::NotAllowed;
+use crate::signal::UnknownSignal;
 use crate::sizing::SizingError;
 use crate::store::StoreError;
+use crate::supervisor::SupervisorError;
 
 /// Why a verb failed; each cause has its own exit status ([`CommandError::exit_code`]).
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +48,19 @@ pub enum CommandError {
     Sizing(#[from] SizingError),
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    NotAllowed(#[from] NotAllowed),
+    #[error(transparent)]
+    Signal(#[from] UnknownSignal),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// A request husk cannot carry out (the message says why).
+    #[error("{0}")]
+    Unsupported(String),
     /// Writing the verb's output failed (for example a closed pipe).
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
@@ -46,7 +75,13 @@ impl CommandError {
             CommandError::Store(err) => err.exit_code(),
             CommandError::Bundle(_) | CommandError::Sizing(_) => exit::BUNDLE,
             CommandError::Spec(err) => err.exit_code(),
-            CommandError::Output(_) => exit::FAILURE,
+            CommandError::Supervisor(err) => err.exit_code(),
+            CommandError::Signal(_) => exit::USAGE,
+            CommandError::Agent(_)
+            | CommandError::NotAllowed(_)
+            | CommandError::Hook(_)
+            | CommandError::Unsupported(_)
+            | CommandError::Output(_) => exit::FAILURE,
         }
     }
 }
@@ -55,10 +90,28 @@ impl CommandError {
 pub fn run(cli: &Cli) -> Result<u8, CommandError> {
     match &cli.command {
         Command::Check(args) => check::run(cli, args),
+        Command::Create(args) => create::run(cli, args),
+        Command::Delete(args) => delete::run(cli, args),
+        Command::Events(args) => events::run(cli, args),
+        Command::Exec(args) => exec::run(cli, args),
+        Command::Kill(args) => kill::run(cli, args),
+        Command::Pause(args) => pause::run(cli, args, true),
+        Command::Ps(args) => ps::run(cli, args),
+        Command::Resume(args) => pause::run(cli, args, false),
+        Command::Run(args) => run::run(cli, args),
+        Command::SandboxSupervisor(args) => sandbox_supervisor::run(cli, args),
+        Command::Start(args) => start::run(cli, args),
+        Command::Update(args) => update::run(cli, args),
         Command::Features(args) => features::run(args),
         Command::List(args) => list::run(cli, args),
         Command::Spec(args) => spec::run(args),
         Command::State(args) => state::run(cli, args),
+    }
+}
+
+impl From<husk_agent_protocol::ClientError> for CommandError {
+    fn from(err: husk_agent_protocol::ClientError) -> Self {
+        CommandError::Agent(AgentError::from(err))
     }
 }
 

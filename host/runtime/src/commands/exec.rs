@@ -1,0 +1,199 @@
+//! `husk exec [-t] [--process F | ID COMMAND...]`: runs a new process in a running container and
+//! exits with its status (128 + N when signal N ended it), as `runc exec`.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use oci_spec::runtime::{Process, ProcessBuilder, User};
+
+use super::CommandError;
+use crate::agent::{self, AgentError};
+use crate::bundle;
+use crate::cli::Cli;
+use crate::container::{self, Locked};
+use crate::exit;
+use crate::id::ContainerId;
+use crate::lifecycle::Operation;
+use crate::relay::{self, HostStdio};
+use crate::store::write_pid_file;
+
+/// Arguments of `husk exec`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// An OCI `process` JSON file describing the process (instead of COMMAND).
+    #[arg(long, short = 'p', value_name = "FILE")]
+    pub process: Option<PathBuf>,
+    /// Give the process a terminal.
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// A Unix socket that receives the master of the process's terminal.
+    #[arg(long, value_name = "SOCK")]
+    pub console_socket: Option<PathBuf>,
+    /// Write the PID of the process standing for the exec'd one on the host (this command's).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Set an environment variable (KEY=VALUE); may be repeated.
+    #[arg(long, short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The working directory in the container.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// The user as UID[:GID].
+    #[arg(long, short = 'u', value_name = "UID[:GID]")]
+    pub user: Option<String>,
+    /// Not supported: the exec'd process lives in the guest, where no host process can wait for
+    /// it.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// The container's ID.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The command and its arguments (when --process is not given).
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+fn unsupported(what: String) -> CommandError {
+    CommandError::Unsupported(what)
+}
+
+/// The process to run: `--process F`, or the container's own process with COMMAND and the
+/// flags applied.
+fn process(args: &Args, base: Option<Process>) -> Result<Process, CommandError> {
+    if let Some(path) = &args.process {
+        if !args.command.is_empty() {
+            return Err(unsupported(
+                "give either --process or a COMMAND, not both".to_owned(),
+            ));
+        }
+        let mut process = bundle::load_process(path)?;
+        if args.tty {
+            process.set_terminal(Some(true));
+        }
+        return Ok(process);
+    }
+    if args.command.is_empty() {
+        return Err(unsupported(
+            "exec needs a COMMAND (or --process FILE)".to_owned(),
+        ));
+    }
+    let mut process = match base {
+        Some(p) => p,
+        None => ProcessBuilder::default()
+            .cwd("/")
+            .build()
+            .map_err(|e| unsupported(e.to_string()))?,
+    };
+    process.set_args(Some(args.command.clone()));
+    process.set_terminal(Some(args.tty));
+    process.set_console_size(None);
+    if let Some(cwd) = &args.cwd {
+        if !cwd.is_absolute() {
+            return Err(unsupported(format!(
+                "--cwd {}: not an absolute path",
+                cwd.display()
+            )));
+        }
+        process.set_cwd(cwd.clone());
+    }
+    if !args.env.is_empty() {
+        let mut env = process.env().clone().unwrap_or_default();
+        for item in &args.env {
+            let Some((key, _)) = item.split_once('=') else {
+                return Err(unsupported(format!("--env {item:?}: expected KEY=VALUE")));
+            };
+            env.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(key));
+            env.push(item.clone());
+        }
+        process.set_env(Some(env));
+    }
+    if let Some(user) = &args.user {
+        process.set_user(parse_user(user)?);
+    }
+    Ok(process)
+}
+
+fn parse_user(text: &str) -> Result<User, CommandError> {
+    let bad = || unsupported(format!("--user {text:?}: expected UID[:GID] (numbers)"));
+    let (uid, gid) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let mut user = User::default();
+    user.set_uid(uid.parse().map_err(|_| bad())?);
+    user.set_gid(match gid {
+        Some(g) => g.parse().map_err(|_| bad())?,
+        None => 0,
+    });
+    Ok(user)
+}
+
+/// A fresh exec ID: this process's PID and the time, unique on this host.
+fn exec_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("exec-{}-{nanos}", std::process::id())
+}
+
+/// Runs `husk exec`.
+pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
+    let id = ContainerId::new(&args.id)?;
+    if args.detach {
+        return Err(unsupported(
+            "exec --detach: the process runs in the microVM; run exec in the foreground".into(),
+        ));
+    }
+    let (vsock, spec) = {
+        // The lock is held only to check; the process may run for long.
+        let container = Locked::acquire(cli, &id)?;
+        container.check(Operation::Exec)?;
+        (
+            container.vsock(),
+            container::saved_spec(container.lock.dir()),
+        )
+    };
+    let process = process(args, spec.and_then(|s| s.process().clone()))?;
+    let terminal = process.terminal().unwrap_or(false);
+    if args.console_socket.is_some() && !terminal {
+        return Err(unsupported(
+            "--console-socket needs a terminal (-t or process.terminal)".into(),
+        ));
+    }
+    let json = serde_json::to_vec(&process).map_err(|e| unsupported(e.to_string()))?;
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, i32::try_from(std::process::id()).unwrap_or(0))?;
+    }
+    let rt = agent::runtime()?;
+    let exec = exec_id();
+    let status = rt.block_on(async {
+        let client = agent::connect(&vsock, agent::CONNECT_TIMEOUT).await?;
+        client.exec_process(id.as_str(), &exec, &json).await?;
+        let stdio = if terminal {
+            relay::terminal(args.console_socket.as_deref(), None)
+                .map_err(|e| unsupported(e.to_string()))?
+        } else {
+            HostStdio::Inherited
+        };
+        let attached = relay::attach(&client, id.as_str(), &exec, stdio);
+        let status = client
+            .wait_process(id.as_str(), &exec)
+            .await
+            .map_err(AgentError::from);
+        attached.finish(status.is_ok()).await;
+        Ok::<_, CommandError>(status?)
+    });
+    rt.shutdown_background();
+    let status = status?;
+    let code = if status.signal > 0 {
+        status.signal.saturating_add(128)
+    } else {
+        status.code
+    };
+    Ok(u8::try_from(code & 0xff).unwrap_or(exit::FAILURE))
+}

@@ -1,0 +1,784 @@
+//! The sandbox supervisor: one long-lived process per container (hidden verb
+//! `sandbox-supervisor`, started by `create` in a session of its own). It sets up the share,
+//! starts husk-vmm, has the agent create the sandbox and the container, answers `create`, then
+//! relays the container's stdio and waits for its process. When that process ends it stops the
+//! VM, removes the share, and exits with the process's status (re-raising a terminating signal),
+//! which is what engines waiting for the container's PID (the supervisor's) expect.
+//!
+//! `create` and the supervisor talk over a pipe on the supervisor's fd [`ANSWER_FD`]: the
+//! supervisor writes `ok\n`, or `error <status>\n<message>`, and closes it. End of file without
+//! an answer means the supervisor died.
+
+use std::ffi::OsString;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use husk_agent_protocol::agent::{CreateContainerRequest, CreateSandboxRequest, Storage};
+use husk_agent_protocol::AgentClient;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::agent::{self, AgentError};
+use crate::bundle::{self, Bundle, BundleError};
+use crate::cli::Cli;
+use crate::config::{self, Config, ConfigError, Discovery};
+use crate::console::ConsoleError;
+use crate::exit;
+use crate::id::ContainerId;
+use crate::relay::{self, HostStdio};
+use crate::sandbox::{self, SandboxError, SandboxPaths, SHARE_TAG};
+use crate::share::{self, HostMounter, ShareError, SharePlan, GUEST_SHARE_DIR};
+use crate::sizing::{self, SizingError, VmSize};
+use crate::store::Store;
+
+/// The supervisor's file descriptor carrying its answer to `create`.
+pub const ANSWER_FD: RawFd = 3;
+/// Most bytes of an answer read by `create`.
+const MAX_ANSWER: u64 = 64 * 1024;
+/// How long the guest may take from husk-vmm's start to the agent's answer.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long husk-vmm gets to stop after SIGTERM before SIGKILL.
+const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
+/// The last bytes of husk-vmm's log shown when it fails.
+const LOG_TAIL: u64 = 2048;
+
+/// Why a sandbox could not be set up or supervised.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Sizing(#[from] SizingError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
+    /// A terminal was asked for without a way to hand it over.
+    #[error("process.terminal is true but no --console-socket was given: the terminal has nowhere to go")]
+    TerminalWithoutSocket,
+    /// A console socket was given for a process without a terminal.
+    #[error("--console-socket was given but process.terminal is false")]
+    SocketWithoutTerminal,
+    /// A process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// husk-vmm ended before the sandbox was ready.
+    #[error(
+        "husk-vmm exited ({status}) before the agent answered; its log ({log}) ends with: {tail}"
+    )]
+    VmmExited {
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    /// A file operation failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The supervisor reported a failure to `create`.
+    #[error("{message}")]
+    Reported { status: u8, message: String },
+    /// The supervisor ended without answering.
+    #[error("the sandbox supervisor ended without an answer ({0}); see the log")]
+    NoAnswer(String),
+}
+
+impl SupervisorError {
+    /// The exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SupervisorError::Config(_) => exit::CONFIG,
+            SupervisorError::Bundle(_)
+            | SupervisorError::Sizing(_)
+            | SupervisorError::TerminalWithoutSocket
+            | SupervisorError::SocketWithoutTerminal => exit::BUNDLE,
+            SupervisorError::Share(
+                ShareError::NoSource { .. }
+                | ShareError::BadSource { .. }
+                | ShareError::TooManyMounts(_),
+            ) => exit::BUNDLE,
+            SupervisorError::Reported { status, .. } => *status,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SupervisorError {
+    let path = path.to_path_buf();
+    move |source| SupervisorError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Everything `create` decides before it creates anything: checked once by the CLI (so bad input
+/// leaves nothing behind) and again by the supervisor.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub config: Config,
+    pub bundle: Bundle,
+    pub size: VmSize,
+    pub plan: SharePlan,
+    pub paths: SandboxPaths,
+}
+
+impl Prepared {
+    /// Loads the configuration and the bundle, sizes the VM, plans the share, computes the paths.
+    pub fn load(
+        cli: &Cli,
+        id: &ContainerId,
+        bundle_dir: &Path,
+        console_socket: Option<&Path>,
+        foreground: bool,
+    ) -> Result<Self, SupervisorError> {
+        let (config_path, explicit) = cli.config_path();
+        let config = config::load(&config_path, explicit, &Discovery::from_process()?)?;
+        let bundle = bundle::load(bundle_dir)?;
+        let terminal = bundle
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        match (terminal, console_socket.is_some()) {
+            (true, false) if !foreground => return Err(SupervisorError::TerminalWithoutSocket),
+            (false, true) => return Err(SupervisorError::SocketWithoutTerminal),
+            _ => {}
+        }
+        let resources = bundle
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref());
+        let size = sizing::vm_size(resources, &config)?;
+        let plan = share::plan(&bundle, id)?;
+        let paths = SandboxPaths::new(&Store::new(cli.root()), &config, id)?;
+        Ok(Self {
+            config,
+            bundle,
+            size,
+            plan,
+            paths,
+        })
+    }
+
+    /// Whether the container's process has a terminal.
+    pub fn terminal(&self) -> bool {
+        self.bundle
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false)
+    }
+}
+
+/// How `create` starts the supervisor.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub id: &'a ContainerId,
+    pub bundle: &'a Path,
+    pub console_socket: Option<&'a Path>,
+}
+
+/// The global flags, repeated for the supervisor.
+fn global_args(cli: &Cli) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--root".into(), cli.root().into()];
+    if let Some(log) = &cli.log {
+        args.push("--log".into());
+        args.push(
+            std::path::absolute(log)
+                .unwrap_or_else(|_| log.clone())
+                .into(),
+        );
+    }
+    args.push("--log-format".into());
+    args.push(
+        match cli.log_format {
+            crate::logging::LogFormat::Text => "text",
+            crate::logging::LogFormat::Json => "json",
+        }
+        .into(),
+    );
+    if cli.debug {
+        args.push("--debug".into());
+    }
+    if let Some(config) = &cli.config {
+        args.push("--config".into());
+        args.push(
+            std::path::absolute(config)
+                .unwrap_or_else(|_| config.clone())
+                .into(),
+        );
+    }
+    if cli.systemd_cgroup {
+        args.push("--systemd-cgroup".into());
+    }
+    args
+}
+
+/// Starts the supervisor (in a new session, its answer pipe on [`ANSWER_FD`]) and waits for its
+/// answer. On success the supervisor runs on, holding the sandbox; on failure it has already
+/// undone what it did and is reaped here.
+pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
+    let exe = std::env::current_exe().map_err(|source| SupervisorError::Spawn {
+        what: "the sandbox supervisor (no path to husk)",
+        source,
+    })?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SupervisorError::Spawn {
+            what: "the sandbox supervisor (pipe)",
+            source: e.into(),
+        })?;
+    let mut command = Command::new(exe);
+    command
+        .args(global_args(cli))
+        .arg("sandbox-supervisor")
+        .arg("--bundle")
+        .arg(launch.bundle);
+    if let Some(socket) = launch.console_socket {
+        let socket = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+        command.arg("--console-socket").arg(socket);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+    command.arg(launch.id.as_str());
+    let answer_raw = write_end.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (dup2, fcntl, setsid) on integers; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if answer_raw == ANSWER_FD {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                if libc::fcntl(ANSWER_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(answer_raw, ANSWER_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| SupervisorError::Spawn {
+        what: "the sandbox supervisor",
+        source,
+    })?;
+    drop(write_end);
+    let answer = read_answer(File::from(read_end));
+    match answer {
+        Ok(Some(Ok(()))) => Ok(child),
+        Ok(Some(Err(err))) => {
+            let _ = child.wait();
+            Err(err)
+        }
+        Ok(None) => {
+            let status = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            Err(SupervisorError::NoAnswer(status))
+        }
+        Err(err) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(SupervisorError::NoAnswer(err.to_string()))
+        }
+    }
+}
+
+/// Reads the supervisor's answer: `None` at end of file without one.
+fn read_answer(pipe: File) -> io::Result<Option<Result<(), SupervisorError>>> {
+    let mut bytes = Vec::new();
+    pipe.take(MAX_ANSWER).read_to_end(&mut bytes)?;
+    Ok(parse_answer(&String::from_utf8_lossy(&bytes)))
+}
+
+/// Parses an answer (see the module documentation).
+pub fn parse_answer(text: &str) -> Option<Result<(), SupervisorError>> {
+    if text == "ok\n" {
+        return Some(Ok(()));
+    }
+    let (first, message) = text.split_once('\n')?;
+    let status = first.strip_prefix("error ")?.parse::<u8>().ok()?;
+    Some(Err(SupervisorError::Reported {
+        status: if status == 0 { exit::FAILURE } else { status },
+        message: message.trim_end().to_owned(),
+    }))
+}
+
+/// Formats an answer.
+pub fn format_answer(result: &Result<(), SupervisorError>) -> String {
+    match result {
+        Ok(()) => "ok\n".to_owned(),
+        Err(err) => format!("error {}\n{err}\n", err.exit_code()),
+    }
+}
+
+/// Takes the answer pipe at [`ANSWER_FD`] (made close-on-exec so husk-vmm does not inherit it).
+fn take_answer_fd() -> Option<File> {
+    // SAFETY: F_GETFD on an integer fd only queries it; no memory is involved.
+    if unsafe { libc::fcntl(ANSWER_FD, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: as above, setting FD_CLOEXEC on the same fd.
+    if unsafe { libc::fcntl(ANSWER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return None;
+    }
+    // SAFETY: fd 3 is open (checked above) and was placed there by `spawn` for this purpose;
+    // nothing else in this process owns it, so ownership moves into the File.
+    Some(File::from(unsafe { OwnedFd::from_raw_fd(ANSWER_FD) }))
+}
+
+/// Runs the supervisor (the hidden verb). Does not return when the container's process ran: the
+/// supervisor exits with its status.
+pub fn run(cli: &Cli, id: &ContainerId, bundle_dir: &Path, console_socket: Option<&Path>) -> u8 {
+    let mut answer = take_answer_fd();
+    let rt = match agent::runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            let result = Err(SupervisorError::from(err));
+            send_answer(&mut answer, &result);
+            return exit::FAILURE;
+        }
+    };
+    let foreground = console_socket.is_none();
+    let outcome = rt.block_on(async {
+        let prepared = match Prepared::load(cli, id, bundle_dir, console_socket, foreground) {
+            Ok(p) => p,
+            Err(err) => {
+                let status = err.exit_code();
+                send_answer(&mut answer, &Err(err));
+                return Ended::Failed(status);
+            }
+        };
+        supervise(id, prepared, console_socket, &mut answer).await
+    });
+    // Blocking stdin readers may still be parked in read(); do not wait for them.
+    rt.shutdown_background();
+    match outcome {
+        Ended::Failed(status) => status,
+        Ended::Process { code, signal } => finish(code, signal),
+        Ended::Signaled(signal) => finish(signal.saturating_add(128), signal),
+    }
+}
+
+fn send_answer(answer: &mut Option<File>, result: &Result<(), SupervisorError>) {
+    if let Err(err) = result {
+        tracing::error!("{err}");
+    }
+    if let Some(mut pipe) = answer.take() {
+        let _ = pipe.write_all(format_answer(result).as_bytes());
+    }
+}
+
+/// How supervision ended.
+enum Ended {
+    /// Setup failed (answered) or the sandbox failed: exit with this status.
+    Failed(u8),
+    /// The container's process ended.
+    Process { code: i32, signal: i32 },
+    /// The supervisor was told to stop (`delete --force`, a signal to the container's PID).
+    Signaled(i32),
+}
+
+/// Exits like the container's process: its status, or its terminating signal re-raised.
+fn finish(code: i32, signal: i32) -> u8 {
+    if signal > 0 {
+        if let Ok(sig) = Signal::try_from(signal) {
+            // SAFETY: resetting a signal to its default action and raising it; no handler of
+            // ours is involved and no memory is shared.
+            unsafe {
+                libc::signal(sig as libc::c_int, libc::SIG_DFL);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig as libc::c_int);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                libc::raise(sig as libc::c_int);
+            }
+        }
+        return u8::try_from(signal.saturating_add(128) & 0xff).unwrap_or(exit::FAILURE);
+    }
+    u8::try_from(code & 0xff).unwrap_or(exit::FAILURE)
+}
+
+/// What the supervisor holds, undone by [`Sandbox::teardown`].
+struct Sandbox {
+    paths: SandboxPaths,
+    vmm: Option<tokio::process::Child>,
+}
+
+impl Sandbox {
+    /// Stops husk-vmm (SIGTERM, then SIGKILL after a grace period) and removes the share.
+    async fn teardown(&mut self) {
+        if let Some(mut vmm) = self.vmm.take() {
+            stop_vmm(&mut vmm).await;
+        }
+        let _ = fs::remove_file(&self.paths.vmm_pid);
+        if let Err(err) =
+            share::remove_share(&self.paths.shared, &HostMounter, &share::read_mountinfo)
+        {
+            tracing::error!("{err}");
+        }
+    }
+}
+
+async fn stop_vmm(vmm: &mut tokio::process::Child) {
+    if let Ok(Some(_)) = vmm.try_wait() {
+        return;
+    }
+    if let Some(pid) = vmm.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    if tokio::time::timeout(VMM_STOP_GRACE, vmm.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("husk-vmm did not stop within {VMM_STOP_GRACE:?}; killing it");
+        let _ = vmm.kill().await;
+    }
+}
+
+/// Sets up the sandbox, answers `create`, then supervises the container's process.
+async fn supervise(
+    id: &ContainerId,
+    prepared: Prepared,
+    console_socket: Option<&Path>,
+    answer: &mut Option<File>,
+) -> Ended {
+    let mut sandbox = Sandbox {
+        paths: prepared.paths.clone(),
+        vmm: None,
+    };
+    let setup = set_up(id, &prepared, console_socket, &mut sandbox).await;
+    let (client, stdio) = match setup {
+        Ok(ready) => ready,
+        Err(err) => {
+            let status = err.exit_code();
+            sandbox.teardown().await;
+            send_answer(answer, &Err(err));
+            return Ended::Failed(status);
+        }
+    };
+    send_answer(answer, &Ok(()));
+    let ended = wait_for_process(id, &client, stdio, &mut sandbox).await;
+    sandbox.teardown().await;
+    ended
+}
+
+async fn set_up(
+    id: &ContainerId,
+    prepared: &Prepared,
+    console_socket: Option<&Path>,
+    sandbox: &mut Sandbox,
+) -> Result<(AgentClient, HostStdio), SupervisorError> {
+    let paths = &prepared.paths;
+    share::create_share(&paths.shared, &HostMounter)?;
+    share::bind_all(&paths.shared, &prepared.plan, &HostMounter)?;
+    if let Some(dir) = paths.console.parent() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create the console log directory", dir))?;
+    }
+    let vmm = spawn_vmm(&prepared.config, prepared.size, paths)?;
+    let vmm = sandbox.vmm.insert(vmm);
+    let client = tokio::select! {
+        client = agent::connect(&paths.vsock, BOOT_TIMEOUT) => client?,
+        status = vmm.wait() => {
+            let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            return Err(SupervisorError::VmmExited {
+                status,
+                log: paths.vmm_log.clone(),
+                tail: log_tail(&paths.vmm_log),
+            });
+        }
+    };
+    client
+        .create_sandbox(&CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            storages: vec![Storage {
+                source: SHARE_TAG.to_owned(),
+                fstype: "virtiofs".to_owned(),
+                mount_point: GUEST_SHARE_DIR.to_owned(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .map_err(AgentError::from)?;
+    let mut spec = prepared.plan.guest_spec.clone();
+    // Hooks are the runtime's (run on the host); the agent refuses them.
+    spec.set_hooks(None);
+    let spec_json = serde_json::to_vec(&spec).map_err(|e| SupervisorError::Io {
+        action: "serialise the spec of",
+        path: prepared.bundle.dir.clone(),
+        source: io::Error::other(e),
+    })?;
+    client
+        .create_container(&CreateContainerRequest {
+            container_id: id.to_string(),
+            oci_spec_json: spec_json,
+            rootfs_path: prepared.plan.guest_rootfs.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await
+        .map_err(AgentError::from)?;
+    let stdio = if prepared.terminal() {
+        let size = prepared
+            .bundle
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.console_size())
+            .and_then(|b| {
+                Some((
+                    u16::try_from(b.height()).ok()?,
+                    u16::try_from(b.width()).ok()?,
+                ))
+            });
+        relay::terminal(console_socket, size)?
+    } else {
+        HostStdio::Inherited
+    };
+    Ok((client, stdio))
+}
+
+/// Starts husk-vmm: its output to `vmm.log`, killed (PR_SET_PDEATHSIG) if the supervisor dies,
+/// its PID in `vmm.pid`.
+fn spawn_vmm(
+    config: &Config,
+    size: VmSize,
+    paths: &SandboxPaths,
+) -> Result<tokio::process::Child, SupervisorError> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&paths.vmm_log)
+        .map_err(io_err("create", &paths.vmm_log))?;
+    let log2 = log.try_clone().map_err(io_err("open", &paths.vmm_log))?;
+    let mut command = sandbox::vmm_command(config, size, paths);
+    command.stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: runs in the child between fork and exec; prctl with integer arguments is
+    // async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    let child = command.spawn().map_err(|source| SupervisorError::Spawn {
+        what: "husk-vmm",
+        source,
+    })?;
+    if let Some(pid) = child.id() {
+        let dir = &paths.dir;
+        crate::store::write_atomic(dir, "vmm.pid", pid.to_string().as_bytes()).map_err(|e| {
+            SupervisorError::Io {
+                action: "write",
+                path: paths.vmm_pid.clone(),
+                source: io::Error::other(e),
+            }
+        })?;
+    }
+    Ok(child)
+}
+
+/// The last [`LOG_TAIL`] bytes of a log file, on one line.
+fn log_tail(path: &Path) -> String {
+    let Ok(bytes) = fs::read(path) else {
+        return "(unreadable)".to_owned();
+    };
+    let start = bytes.len().saturating_sub(LOG_TAIL as usize);
+    let tail = String::from_utf8_lossy(bytes.get(start..).unwrap_or_default());
+    tail.trim().replace('\n', " | ")
+}
+
+/// Relays stdio and waits for the container's process, a termination signal, or husk-vmm's end.
+async fn wait_for_process(
+    id: &ContainerId,
+    client: &AgentClient,
+    stdio: HostStdio,
+    sandbox: &mut Sandbox,
+) -> Ended {
+    let cid = id.to_string();
+    let attached = relay::attach(client, &cid, "", stdio);
+    let ended = wait_events(&cid, client, sandbox).await;
+    attached
+        .finish(matches!(ended, Ended::Process { .. }))
+        .await;
+    ended
+}
+
+async fn wait_events(cid: &str, client: &AgentClient, sandbox: &mut Sandbox) -> Ended {
+    let signals = [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+    ];
+    let mut streams = Vec::new();
+    for kind in signals {
+        match signal(kind) {
+            Ok(s) => streams.push(s),
+            Err(err) => {
+                tracing::error!("cannot handle signals: {err}");
+                return Ended::Failed(exit::FAILURE);
+            }
+        }
+    }
+    let [term, int, hup] = streams.as_mut_slice() else {
+        return Ended::Failed(exit::FAILURE);
+    };
+    let Some(vmm) = sandbox.vmm.as_mut() else {
+        return Ended::Failed(exit::FAILURE);
+    };
+    tokio::select! {
+        status = client.wait_process(cid, "") => match status {
+            Ok(status) => {
+                tracing::debug!(code = status.code, signal = status.signal, "{cid}: process ended");
+                Ended::Process { code: status.code, signal: status.signal }
+            }
+            Err(err) => {
+                tracing::error!("{cid}: lost the agent: {err}");
+                Ended::Failed(exit::FAILURE)
+            }
+        },
+        status = vmm.wait() => {
+            tracing::error!("{cid}: husk-vmm exited ({status:?}); log: {}", sandbox.paths.vmm_log.display());
+            Ended::Failed(exit::FAILURE)
+        }
+        _ = term.recv() => Ended::Signaled(libc::SIGTERM),
+        _ = int.recv() => Ended::Signaled(libc::SIGINT),
+        _ = hup.recv() => Ended::Signaled(libc::SIGHUP),
+    }
+}
+
+/// Makes sure a sandbox's supervisor and husk-vmm are gone and its share is removed (for
+/// `delete` and for `create` failing after the supervisor answered). `supervisor` is the
+/// supervisor's PID with its recorded start time, when it may still run.
+pub fn reap_sandbox(
+    paths: &SandboxPaths,
+    supervisor: Option<(i32, Option<u64>)>,
+) -> Result<(), ShareError> {
+    if let Some((pid, start)) = supervisor {
+        stop_process(pid, start, Duration::from_secs(10));
+    }
+    if let Some(pid) = fs::read_to_string(&paths.vmm_pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let start = crate::store::process_start_time(pid);
+        stop_process(pid, start, VMM_STOP_GRACE);
+    }
+    share::remove_share(&paths.shared, &HostMounter, &share::read_mountinfo)
+}
+
+/// SIGTERM to `pid` (when it is still the process started at `start`), SIGKILL after `grace`,
+/// and waits until it is gone.
+pub fn stop_process(pid: i32, start: Option<u64>, grace: Duration) {
+    let alive = || start.is_some() && crate::store::process_start_time(pid) == start;
+    if !alive() {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let step = Duration::from_millis(20);
+    let mut waited = Duration::ZERO;
+    while alive() {
+        if waited >= grace {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if waited >= grace.saturating_mul(2) {
+            tracing::warn!("process {pid} did not go away after SIGKILL");
+            return;
+        }
+        std::thread::sleep(step);
+        waited = waited.saturating_add(step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip() {
+        assert!(matches!(
+            parse_answer(&format_answer(&Ok(()))),
+            Some(Ok(()))
+        ));
+        let err = SupervisorError::TerminalWithoutSocket;
+        let text = format_answer(&Err(err));
+        match parse_answer(&text) {
+            Some(Err(SupervisorError::Reported { status, message })) => {
+                assert_eq!(status, exit::BUNDLE);
+                assert!(message.contains("--console-socket"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_no_answer() {
+        for text in ["", "ok", "okay\n", "error x\nmsg", "error 3"] {
+            assert!(parse_answer(text).is_none(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_status_of_zero_still_fails() {
+        match parse_answer("error 0\nbad\n") {
+            Some(Err(err)) => assert_eq!(err.exit_code(), exit::FAILURE),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exit_statuses_of_a_process() {
+        assert_eq!(finish(3, 0), 3);
+        assert_eq!(finish(256 + 7, 0), 7);
+        assert_eq!(finish(0, 0), 0);
+    }
+
+    #[test]
+    fn log_tails_are_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        fs::write(&log, "a\nb\n").unwrap();
+        assert_eq!(log_tail(&log), "a | b");
+        assert_eq!(log_tail(&dir.path().join("none")), "(unreadable)");
+    }
+}
