@@ -124,7 +124,9 @@ async fn start_agent(name: &str) -> Agent {
         .arg("debug")
         .spawn()
         .expect("spawn husk-agent");
-    for _ in 0..200 {
+    // Generous: under the test host's TCG a debug build read over 9p can take seconds to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if sock.exists() {
             if let Ok(client) = AgentClient::connect(&format!("unix://{}", sock.display())).await {
                 return Agent {
@@ -136,7 +138,10 @@ async fn start_agent(name: &str) -> Agent {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("husk-agent did not come up on {}", sock.display());
+    panic!(
+        "husk-agent did not come up on {} within 60 s",
+        sock.display()
+    );
 }
 
 fn spec(args: &[&str]) -> Value {
@@ -584,4 +589,222 @@ async fn unsupported_fields_and_bad_ids_are_refused() {
         .expect_err("start of a missing binary");
     assert!(err.to_string().contains("/no/such/binary"), "{err}");
     a.client.remove_container("nope").await.expect("remove");
+}
+
+/// Sums the container's CPU time now, via StatsContainer.
+async fn cpu_usec(a: &Agent, id: &str) -> u64 {
+    let stats = a.client.stats_container(id).await.expect("stats");
+    stats.cpu.into_option().expect("cpu stats").usage_usec
+}
+
+#[tokio::test]
+async fn pause_stops_cpu_use_and_resume_restarts_it() {
+    let a = start_agent("pause").await;
+    create(&a, "spin", &spec(&["sh", "-c", "while :; do :; done"]))
+        .await
+        .expect("create");
+    a.client.start_container("spin").await.expect("start");
+    let frozen_file = cgroup_root().join("husk/spin/cgroup.events");
+
+    a.client.pause_container("spin").await.expect("pause");
+    let events = std::fs::read_to_string(&frozen_file).expect("cgroup.events");
+    let paused_at = cpu_usec(&a, "spin").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused_later = cpu_usec(&a, "spin").await;
+    a.client.resume_container("spin").await.expect("resume");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resumed_later = cpu_usec(&a, "spin").await;
+    a.client.remove_container("spin").await.expect("remove");
+
+    assert!(events.contains("frozen 1"), "cgroup.events: {events}");
+    assert_eq!(paused_at, paused_later, "a paused container used CPU");
+    assert!(
+        resumed_later > paused_later,
+        "no CPU used after resume ({paused_later} -> {resumed_later} usec)"
+    );
+}
+
+#[tokio::test]
+async fn update_container_changes_limits_and_refuses_unsupported_ones() {
+    let a = start_agent("update").await;
+    create(&a, "upd", &spec(&["sleep", "1000"]))
+        .await
+        .expect("create");
+    a.client.start_container("upd").await.expect("start");
+
+    let resources = json!({"memory": {"limit": 64 << 20}, "pids": {"limit": 20}, "cpu": {"quota": 50000, "period": 100000}});
+    a.client
+        .update_container("upd", resources.to_string().as_bytes())
+        .await
+        .expect("update");
+    let stats = a.client.stats_container("upd").await.expect("stats");
+    let cpu_max = std::fs::read_to_string(cgroup_root().join("husk/upd/cpu.max")).expect("cpu.max");
+    let refused = a
+        .client
+        .update_container(
+            "upd",
+            json!({"blockIO": {"weight": 10}}).to_string().as_bytes(),
+        )
+        .await;
+    a.client.remove_container("upd").await.expect("remove");
+
+    assert_eq!(stats.memory.limit_bytes, 64 << 20);
+    assert_eq!(stats.pids.limit, 20);
+    assert!(stats.pids.current >= 1, "{:?}", stats.pids);
+    assert_eq!(cpu_max.trim(), "50000 100000");
+    let err = refused.expect_err("blockIO accepted");
+    assert_eq!(err.code(), Some(ttrpc::Code::INVALID_ARGUMENT), "{err}");
+    assert!(err.to_string().contains("linux.resources.blockIO"), "{err}");
+}
+
+#[tokio::test]
+async fn signal_all_reaches_every_process_of_the_container() {
+    let a = start_agent("sigall").await;
+    // No pid namespace: killing the init alone would leave the two sleeps running.
+    let mut s = spec(&["sh", "-c", "sleep 1000 & sleep 1000 & echo started; wait"]);
+    s["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    create(&a, "all", &s).await.expect("create");
+    a.client.start_container("all").await.expect("start");
+    read_until(&a, "all", "", "started").await;
+    let before = a.client.list_processes("all").await.expect("ps");
+
+    a.client
+        .signal_process("all", "", libc::SIGTERM as u32, true)
+        .await
+        .expect("signal all");
+    let exit = a.client.wait_process("all", "").await.expect("wait");
+    let mut left = a.client.list_processes("all").await.expect("ps");
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = a.client.list_processes("all").await.expect("ps");
+    }
+    a.client.remove_container("all").await.expect("remove");
+
+    assert_eq!(before.len(), 3, "sh and two sleeps: {before:?}");
+    assert_eq!(
+        exit,
+        ExitStatus {
+            code: 128 + libc::SIGTERM,
+            signal: libc::SIGTERM
+        }
+    );
+    assert_eq!(left, Vec::<u32>::new(), "processes survived SIGTERM to all");
+}
+
+#[tokio::test]
+async fn every_waiter_gets_the_exit_status() {
+    let a = start_agent("waiters").await;
+    create(&a, "w", &spec(&["sh", "-c", "sleep 0.5; exit 7"]))
+        .await
+        .expect("create");
+    a.client.start_container("w").await.expect("start");
+    let (first, second) = tokio::join!(
+        a.client.wait_process("w", ""),
+        a.client.wait_process("w", "")
+    );
+    let late = a.client.wait_process("w", "").await;
+    a.client.remove_container("w").await.expect("remove");
+
+    let want = ExitStatus { code: 7, signal: 0 };
+    assert_eq!(first.expect("first waiter"), want);
+    assert_eq!(second.expect("second waiter"), want);
+    assert_eq!(late.expect("waiter after the exit"), want);
+}
+
+/// The generated client, without the typed client's own checks: what a buggy or hostile host
+/// could send.
+async fn raw_client(a: &Agent) -> husk_agent_protocol::agent_ttrpc::AgentClient {
+    let addr = format!("unix://{}", a._dir.join("agent.sock").display());
+    let c = ttrpc::r#async::Client::connect(&addr)
+        .await
+        .expect("connect");
+    husk_agent_protocol::agent_ttrpc::AgentClient::new(c)
+}
+
+fn versioned_ctx() -> ttrpc::context::Context {
+    let mut ctx = ttrpc::context::with_duration(Duration::from_secs(30));
+    ctx.add(
+        husk_agent_protocol::API_VERSION_METADATA_KEY.to_owned(),
+        husk_agent_protocol::API_VERSION.to_string(),
+    );
+    ctx
+}
+
+fn status_code(r: Result<impl std::fmt::Debug, ttrpc::Error>) -> (ttrpc::Code, String) {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_agent_itself_refuses_bad_ids_oversize_specs_and_missing_versions() {
+    let a = start_agent("raw").await;
+    let raw = raw_client(&a).await;
+    let good_spec = spec(&["true"]).to_string().into_bytes();
+
+    let traversal = raw
+        .create_container(
+            versioned_ctx(),
+            &CreateContainerRequest {
+                container_id: "../x".into(),
+                oci_spec_json: good_spec.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let oversize = raw
+        .create_container(
+            versioned_ctx(),
+            &CreateContainerRequest {
+                container_id: "big".into(),
+                oci_spec_json: vec![b' '; husk_agent_protocol::MAX_SPEC_SIZE + 1],
+                ..Default::default()
+            },
+        )
+        .await;
+    let unversioned = raw
+        .get_guest_details(
+            ttrpc::context::with_duration(Duration::from_secs(30)),
+            &Default::default(),
+        )
+        .await;
+    let mut other = ttrpc::context::with_duration(Duration::from_secs(30));
+    other.add(
+        husk_agent_protocol::API_VERSION_METADATA_KEY.to_owned(),
+        "999".to_owned(),
+    );
+    let wrong_version = raw.get_guest_details(other, &Default::default()).await;
+    let bad_signal = raw
+        .signal_process(
+            versioned_ctx(),
+            &husk_agent_protocol::agent::SignalProcessRequest {
+                container_id: "nothing".into(),
+                signal: 1000,
+                ..Default::default()
+            },
+        )
+        .await;
+
+    let (code, msg) = status_code(traversal);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("\"../x\" is invalid"), "{msg}");
+    let (code, msg) = status_code(oversize);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("the limit is 1048576"), "{msg}");
+    let (code, msg) = status_code(unversioned);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    let (code, msg) = status_code(wrong_version);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("v999") && msg.contains("v1"), "{msg}");
+    let (code, msg) = status_code(bad_signal);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("out of range"), "{msg}");
+    assert!(
+        !cgroup_root().join("x").exists() && !a._dir.join("x.init.json").exists(),
+        "something was created from the id ../x"
+    );
 }
