@@ -198,6 +198,45 @@ fn container_spec(args: &[&str]) -> Value {
     })
 }
 
+/// The sandbox storage that mounts the busybox image (`--block`, the first disk: /dev/vda).
+fn rootfs_storage() -> Storage {
+    Storage {
+        source: "/dev/vda".into(),
+        fstype: "ext4".into(),
+        options: vec!["nodev".into()],
+        mount_point: GUEST_ROOTFS.into(),
+        ..Default::default()
+    }
+}
+
+async fn create(client: &AgentClient, id: &str, spec: &Value) {
+    client
+        .create_container(&CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json: spec.to_string().into_bytes(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {id}: {e}"));
+}
+
+/// Reads stdout of a process until it contains `needle`.
+async fn read_until(client: &AgentClient, id: &str, exec_id: &str, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.read_stdout(id, exec_id, 4096),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no {needle:?} from {id} in 60 s; got {seen:?}"))
+        .expect("ReadStdout")
+        .unwrap_or_else(|| panic!("EOF from {id} before {needle:?}; got {seen:?}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_as_pid1_serves_vsock_and_runs_a_container_from_a_block_device() {
     require_real_kvm();
@@ -234,13 +273,7 @@ async fn agent_as_pid1_serves_vsock_and_runs_a_container_from_a_block_device() {
         .create_sandbox(&CreateSandboxRequest {
             sandbox_id: "pod1".into(),
             hostname: "husk-pod".into(),
-            storages: vec![Storage {
-                source: "/dev/vda".into(),
-                fstype: "ext4".into(),
-                options: vec!["nodev".into()],
-                mount_point: GUEST_ROOTFS.into(),
-                ..Default::default()
-            }],
+            storages: vec![rootfs_storage()],
             ..Default::default()
         })
         .await
@@ -335,4 +368,146 @@ fn a_fatal_agent_error_is_printed_and_ends_the_vm_with_a_failure() {
     assert!(!console.contains(BOOT_MARKER), "console:\n{console}");
     // PID 1 exits: the kernel panics, resets at once, and husk-vmm reports the panic.
     assert_eq!(status.code(), Some(3), "console:\n{console}");
+}
+
+/// What containers need from the guest kernel (its own minimal config, not the test host's):
+/// exec into pid/mount namespaces, a pty with resize, the memory controller with OOM events, the
+/// pids controller, seccomp filters and cgroup statistics, all in one boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_kernel_runs_exec_pty_oom_pids_and_seccomp() {
+    require_real_kvm();
+    let dir = TempDir::new("agent-guest-features");
+    let image = busybox_ext4_image(dir.path());
+    let uds = dir.path().join("vsock.sock");
+    let mut vmm = start_vmm(&uds, &["--block", image.to_str().expect("utf8 path")]);
+    vmm.expect_marker(BOOT_MARKER, BOOT_DEADLINE);
+    let client = agent_client(&uds).await;
+    client
+        .create_sandbox(&CreateSandboxRequest {
+            sandbox_id: "pod2".into(),
+            storages: vec![rootfs_storage()],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSandbox");
+
+    // Exec into a running container: same pid namespace (its pid 1 is the sleep), same hostname.
+    create(&client, "sleeper", &container_spec(&["sleep", "1000"])).await;
+    client
+        .start_container("sleeper")
+        .await
+        .expect("start sleeper");
+    let process = json!({"args": ["sh", "-c", "tr \\\\0 ' ' < /proc/1/cmdline; echo; hostname"],
+        "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+    client
+        .exec_process("sleeper", "e1", process.to_string().as_bytes())
+        .await
+        .expect("ExecProcess");
+    let exec_out = client
+        .read_to_end(false, "sleeper", "e1", 1 << 20)
+        .await
+        .expect("exec stdout");
+    let exec_exit = client
+        .wait_process("sleeper", "e1")
+        .await
+        .expect("wait exec");
+    let stats = client
+        .stats_container("sleeper")
+        .await
+        .expect("StatsContainer");
+
+    // A terminal, resized while the process runs.
+    let mut pty = container_spec(&["sh", "-c", "stty size; read line; stty size"]);
+    pty["process"]["terminal"] = json!(true);
+    pty["process"]["consoleSize"] = json!({"height": 24, "width": 80});
+    create(&client, "pty", &pty).await;
+    client.start_container("pty").await.expect("start pty");
+    read_until(&client, "pty", "", "24 80").await;
+    client
+        .tty_win_resize("pty", "", 40, 100)
+        .await
+        .expect("TtyWinResize");
+    client
+        .write_all_stdin("pty", "", b"go\n")
+        .await
+        .expect("WriteStdin");
+    read_until(&client, "pty", "", "40 100").await;
+    let pty_exit = client.wait_process("pty", "").await.expect("wait pty");
+
+    // An OOM kill under a 32 MiB limit, reported by GetOOMEvent.
+    let mut oom = container_spec(&["sh", "-c", "a=0123456789abcdef; while :; do a=$a$a; done"]);
+    oom["linux"]["resources"] = json!({"memory": {"limit": 32 << 20, "swap": 32 << 20}});
+    let watcher = client.clone();
+    let oom_event = tokio::spawn(async move { watcher.get_oom_event().await });
+    create(&client, "oom", &oom).await;
+    client.start_container("oom").await.expect("start oom");
+    let oom_exit = client.wait_process("oom", "").await.expect("wait oom");
+    let oom_event = tokio::time::timeout(Duration::from_secs(30), oom_event)
+        .await
+        .expect("an OOM event within 30 s")
+        .expect("join")
+        .expect("GetOOMEvent");
+
+    // A pids limit stops forks.
+    let mut pids = container_spec(&[
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 20 ]; do sleep 5 & i=$((i+1)); done; exit 0",
+    ]);
+    pids["linux"]["resources"] = json!({"pids": {"limit": 5}});
+    create(&client, "pids", &pids).await;
+    client.start_container("pids").await.expect("start pids");
+    let pids_err = client
+        .read_to_end(true, "pids", "", 1 << 20)
+        .await
+        .expect("pids stderr");
+    let pids_running = client.list_processes("pids").await.expect("ListProcesses");
+
+    // A seccomp rule denies mkdir.
+    let mut sec = container_spec(&["sh", "-c", "mkdir /tmp/denied; echo status=$?"]);
+    sec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    create(&client, "seccomp", &sec).await;
+    client
+        .start_container("seccomp")
+        .await
+        .expect("start seccomp");
+    let sec_out = client
+        .read_to_end(false, "seccomp", "", 1 << 20)
+        .await
+        .expect("seccomp stdout");
+
+    client
+        .destroy_sandbox("pod2")
+        .await
+        .expect("DestroySandbox removes all");
+    let after = client.list_processes("sleeper").await;
+    drop(client);
+    vmm.signal(libc::SIGTERM);
+    let status = vmm
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let exec_out = String::from_utf8_lossy(&exec_out);
+    assert_eq!(exec_out, "sleep 1000 \nin-guest\n", "exec output");
+    assert_eq!(exec_exit, ExitStatus { code: 0, signal: 0 });
+    let memory = stats.memory.into_option().expect("memory stats");
+    assert!(memory.current_bytes > 0, "{memory:?}");
+    assert!(stats.pids.into_option().expect("pids stats").current >= 1);
+    assert_eq!(pty_exit, ExitStatus { code: 0, signal: 0 });
+    assert_eq!(oom_exit.signal, libc::SIGKILL, "{oom_exit:?}");
+    assert_eq!(oom_event, "oom");
+    let pids_err = String::from_utf8_lossy(&pids_err);
+    assert!(pids_err.contains("fork"), "no fork failure: {pids_err:?}");
+    assert!(pids_running.len() <= 5, "{pids_running:?}");
+    assert_eq!(String::from_utf8_lossy(&sec_out), "status=1\n");
+    assert_eq!(
+        after.as_ref().err().and_then(|e| e.code()),
+        Some(ttrpc::Code::NOT_FOUND),
+        "DestroySandbox left the container: {after:?}"
+    );
+    assert_eq!(status.code(), Some(0), "husk-vmm after SIGTERM");
 }
