@@ -108,21 +108,18 @@ fn interrupt() -> Option<Arc<Interrupt>> {
     )))
 }
 
-/// Activates `device` on queues built from the input and kicks every queue, twice.
-fn activate_and_kick(device: &mut dyn VirtioDevice, data: &[u8]) {
+/// Activates `device` on queues built from the input and kicks every queue, twice; returns the
+/// guest memory (for tests to look at the device's replies).
+fn activate_and_kick(device: &mut dyn VirtioDevice, data: &[u8]) -> Option<GuestMem> {
     let sizes = device.queue_max_sizes().to_vec();
-    let (Some((mem, queues)), Some(interrupt)) = (build(data, &sizes), interrupt()) else {
-        return;
-    };
+    let (mem, queues) = build(data, &sizes)?;
     let ctx = ActivateContext {
-        mem,
+        mem: mem.clone(),
         queues,
-        interrupt,
+        interrupt: interrupt()?,
         acked_features: VIRTIO_F_VERSION_1,
     };
-    if device.activate(ctx).is_err() {
-        return;
-    }
+    device.activate(ctx).ok()?;
     for round in 0..2 {
         for q in (0..sizes.len()).rev() {
             let _ = device.process_queue(q);
@@ -131,6 +128,7 @@ fn activate_and_kick(device: &mut dyn VirtioDevice, data: &[u8]) {
             let _ = device.process_backend();
         }
     }
+    Some(mem)
 }
 
 fn temp_path(tag: &str) -> std::path::PathBuf {
@@ -153,7 +151,7 @@ pub fn fuzz_vsock(data: &[u8]) {
     let Ok(mut dev) = Vsock::new(&config) else {
         return;
     };
-    activate_and_kick(&mut dev, data);
+    let _ = activate_and_kick(&mut dev, data);
 }
 
 /// virtio-blk over a small temporary disk image; the first byte picks read-only.
@@ -167,7 +165,7 @@ pub fn fuzz_block(data: &[u8]) {
         path: path.clone(),
         read_only,
     }) {
-        activate_and_kick(&mut dev, data.get(1..).unwrap_or(&[]));
+        let _ = activate_and_kick(&mut dev, data.get(1..).unwrap_or(&[]));
     }
     let _ = std::fs::remove_file(&path);
 }
@@ -175,9 +173,14 @@ pub fn fuzz_block(data: &[u8]) {
 /// virtio-fs over a fresh temporary share (a file, a directory, symlinks to a decoy directory
 /// next to it), both removed afterwards: queues and FUSE messages from the input, the request
 /// queue processed before the hiprio queue, twice. Panics if the decoy outside the share
-/// changed: the guest escaped.
+/// changed: the guest escaped. Seed inputs carrying real FUSE requests: `fuzz/seeds/fs`.
 pub fn fuzz_fs(data: &[u8]) {
+    let _ = fuzz_fs_with_memory(data);
+}
+
+fn fuzz_fs_with_memory(data: &[u8]) -> Option<GuestMem> {
     const SECRET: &[u8] = b"outside the share";
+    let mut mem = None;
     let dir = temp_path("fs");
     let outside = dir.with_extension("outside");
     let populate = || -> std::io::Result<()> {
@@ -196,7 +199,7 @@ pub fn fuzz_fs(data: &[u8]) {
             tag: "fuzz".into(),
         };
         if let Ok(mut dev) = VirtioFs::new(&config) {
-            activate_and_kick(&mut dev, data);
+            mem = activate_and_kick(&mut dev, data);
         }
         let entries = std::fs::read_dir(&outside).map(|d| d.count()).unwrap_or(0);
         let secret = std::fs::read(outside.join("secret")).unwrap_or_default();
@@ -207,6 +210,7 @@ pub fn fuzz_fs(data: &[u8]) {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&outside);
+    mem
 }
 
 /// The virtio-mmio transport with virtio-rng behind it. Byte 0 bit 0: run the driver's normal
@@ -297,6 +301,32 @@ mod tests {
             fuzz_mmio(&input);
             fuzz_fs(&input);
         }
+    }
+
+    /// The committed seeds put FUSE requests where the harness builds the request queue: the
+    /// device answers every one of them (the first, FUSE_INIT, without error), so the fuzzer
+    /// starts from real FUSE traffic.
+    #[test]
+    fn fs_seeds_reach_the_fuse_server() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/fs");
+        let mut count = 0;
+        for entry in std::fs::read_dir(&seeds).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let mem = fuzz_fs_with_memory(&data).unwrap();
+            let requests = u16::from(data[4] / 2);
+            let used_idx: u16 = mem
+                .read_obj(GuestAddress(RING_STRIDE + USED_OFFSET + 2))
+                .unwrap();
+            assert_eq!(used_idx, requests);
+            // The reply to request 0 (FUSE_INIT, unique 1) is at BUF_BASE + 0x4000.
+            let mut out = [0u8; 16];
+            mem.read_slice(&mut out, GuestAddress(BUF_BASE + 0x4000))
+                .unwrap();
+            assert_eq!(i32::from_le_bytes(out[4..8].try_into().unwrap()), 0);
+            assert_eq!(u64::from_le_bytes(out[8..].try_into().unwrap()), 1);
+            count += 1;
+        }
+        assert!(count >= 6);
     }
 
     #[test]

@@ -362,3 +362,109 @@ fn missing_kernel_is_a_clear_error_with_status_5() {
     );
     assert!(out.status.signal().is_none());
 }
+
+/// Reads `path` on this host in 1 MiB chunks; returns the elapsed microseconds.
+fn host_read_micros(path: &Path) -> u128 {
+    let mut file = std::fs::File::open(path).expect("open big file");
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    while file.read(&mut buf).expect("read big file") != 0 {}
+    start.elapsed().as_micros()
+}
+
+/// Parses "read big PASS N bytes in M us" from the console: (N, M).
+fn guest_read_figure(console: &str, pass: &str) -> Option<(u64, u128)> {
+    let prefix = format!("vsock-echo: fs: read big {pass} ");
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    Some((words.first()?.parse().ok()?, words.get(3)?.parse().ok()?))
+}
+
+#[test]
+fn virtio_fs_share_is_read_and_written_and_symlinks_stay_inside() {
+    require_real_kvm();
+    let dir = Scratch::new("fs");
+    let share = dir.0.join("shared");
+    let outside = dir.0.join("outside");
+    std::fs::create_dir_all(share.join("sub")).expect("mkdir share");
+    std::fs::create_dir_all(&outside).expect("mkdir outside");
+    std::fs::write(share.join("from-host"), "written by the host\n").expect("from-host");
+    std::fs::write(outside.join("secret"), "HOST-SECRET\n").expect("secret");
+    std::os::unix::fs::symlink("/etc", share.join("etc-link")).expect("etc-link");
+    std::os::unix::fs::symlink(&outside, share.join("outside-link")).expect("outside-link");
+    std::os::unix::fs::symlink("../../outside", share.join("sub/rel-link")).expect("rel-link");
+    // A large file for a rough throughput figure (measured, not asserted).
+    let big = share.join("big");
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let mut f = std::fs::File::create(&big).expect("big");
+    for _ in 0..64 {
+        f.write_all(&chunk).expect("write big");
+    }
+    drop(f);
+
+    let fs_arg = format!("{},tag=husk-test", share.display());
+    let mut vmm = Vmm::start(
+        &dir.0,
+        &guest_file("vmlinux"),
+        &echo_image(),
+        &[
+            "--memory-mib",
+            "256",
+            "--fs",
+            &fs_arg,
+            "--cmdline",
+            "echo.fs=husk-test",
+        ],
+    );
+    let status = vmm.wait_exit(BOOT_TIMEOUT);
+    let console = vmm.console_text();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stderr: {}\nconsole:\n{console}",
+        vmm.stderr()
+    );
+    assert!(
+        console.contains("vsock-echo: fs: done"),
+        "console:\n{console}"
+    );
+    // The guest read the host's file, and the host sees the guest's file.
+    assert!(
+        console.contains(r#"vsock-echo: fs: from-host "written by the host\n""#),
+        "console:\n{console}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest")).expect("from-guest on the host"),
+        "written by the guest\n"
+    );
+    // Symlinks out of the share resolve in the guest's namespace, never on the host.
+    for path in [
+        "/mnt/etc-link/passwd",
+        "/mnt/outside-link/secret",
+        "/mnt/sub/rel-link/secret",
+    ] {
+        assert!(
+            console.contains(&format!("vsock-echo: fs: {path} error NotFound")),
+            "{path} was not refused; console:\n{console}"
+        );
+    }
+    assert!(!console.contains("HOST-SECRET"), "console:\n{console}");
+    assert!(!console.contains("root:x:0:0"), "console:\n{console}");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret")).expect("secret"),
+        "HOST-SECRET\n"
+    );
+
+    let host_micros = host_read_micros(&big);
+    for pass in ["cold", "warm"] {
+        let (bytes, micros) = guest_read_figure(&console, pass).expect("guest read figure");
+        assert_eq!(bytes, 64 << 20, "the guest read the whole big file");
+        eprintln!(
+            "virtio-fs read of 64 MiB ({pass} guest cache): guest {:.1} MiB/s, host {:.1} MiB/s",
+            64.0 * 1e6 / micros.max(1) as f64,
+            64.0 * 1e6 / host_micros.max(1) as f64
+        );
+    }
+}

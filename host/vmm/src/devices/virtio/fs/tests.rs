@@ -366,6 +366,36 @@ fn header_length_lying_about_the_body_fails_the_request() {
 }
 
 #[test]
+fn reset_forgets_the_old_drivers_inodes() {
+    let dir = SharedDir::new("reset");
+    std::fs::write(dir.0.join("hello"), b"x").unwrap();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &dir);
+    h.init();
+    let entry = h.lookup(ROOT, "hello").unwrap();
+    h.dev.reset();
+    let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+    h.request = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+    h.served = 0;
+    h.dev
+        .activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                hiprio.create_queue().unwrap(),
+                h.request.create_queue().unwrap(),
+            ],
+            interrupt: test_interrupt(),
+            acked_features: VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+    h.init();
+    let getattr = GetattrIn::default();
+    let (out, _) = h.call(OP_GETATTR, entry.nodeid, getattr.as_slice());
+    assert_ne!(out.error, 0, "an inode of the previous driver is gone");
+    assert_eq!(h.lookup(ROOT, "hello").unwrap().attr.size, 1);
+}
+
+#[test]
 fn unknown_queue_is_an_error() {
     let dir = SharedDir::new("queue");
     let mem = test_mem();
