@@ -1,0 +1,236 @@
+//! Relays between the FIFOs containerd gives a process (stdin, stdout, stderr) and the agent's
+//! stream calls (`WriteStdin`/`CloseStdin`, `ReadStdout`, `ReadStderr`).
+//!
+//! containerd opens its end of each FIFO before `Create`/`Exec` (read ends non-blocking, the
+//! stdin write end once a reader appears), so the shim opens its ends with blocking `open`s on
+//! blocking threads. Output relays run until the agent reports end of file, which it does once
+//! every writer of the process's stream is gone, so output is complete when they finish.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use husk_agent_protocol::{AgentClient, MAX_IO_CHUNK};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+/// Bytes read from containerd's stdin FIFO per `WriteStdin`.
+const STDIN_CHUNK: usize = 64 << 10;
+
+/// Where a process's stdio goes on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPaths {
+    /// containerd's stdin FIFO (empty: no stdin).
+    pub stdin: String,
+    /// containerd's stdout FIFO or log URI (empty: discarded).
+    pub stdout: String,
+    /// containerd's stderr FIFO (empty: discarded).
+    pub stderr: String,
+    /// The process has a terminal (stderr is merged into stdout by the pty).
+    pub terminal: bool,
+}
+
+/// The relays of one process, just started.
+pub struct Relays {
+    /// stdout and stderr: they end at the agent's end of file.
+    pub outputs: Vec<JoinHandle<()>>,
+    /// Closes the stdin relay (and the process's stdin).
+    pub stdin_close: Option<oneshot::Sender<()>>,
+}
+
+impl Relays {
+    /// Starts the relays of process (`container`, `exec`): output FIFOs are opened here, stdin's
+    /// in the background (its writer may come later).
+    pub fn start(agent: &AgentClient, container: &str, exec: &str, paths: &StdioPaths) -> Relays {
+        let mut outputs = Vec::new();
+        for (stderr, path) in [(false, &paths.stdout), (true, &paths.stderr)] {
+            if let Some(path) = fifo_path(path) {
+                outputs.push(tokio::spawn(relay_output(
+                    agent.clone(),
+                    container.to_owned(),
+                    exec.to_owned(),
+                    stderr,
+                    path,
+                )));
+            } else if !path.is_empty() {
+                warn!(uri = %path, "unsupported stdio URI; output is discarded");
+            }
+        }
+        let stdin_close = fifo_path(&paths.stdin).map(|path| {
+            let (close_tx, close_rx) = oneshot::channel();
+            relay_stdin(
+                agent.clone(),
+                container.to_owned(),
+                exec.to_owned(),
+                path,
+                close_rx,
+            );
+            close_tx
+        });
+        Relays {
+            outputs,
+            stdin_close,
+        }
+    }
+}
+
+/// A FIFO path from what containerd passes: a plain path, or a `fifo://` URI. Other URIs
+/// (`binary://`, `file://` are handled by containerd itself for CRI) yield `None`.
+fn fifo_path(value: &str) -> Option<PathBuf> {
+    if value.is_empty() {
+        return None;
+    }
+    if let Some(path) = value.strip_prefix("fifo://") {
+        return Some(PathBuf::from(path));
+    }
+    if let Some(path) = value.strip_prefix("file://") {
+        return Some(PathBuf::from(path));
+    }
+    if value.contains("://") {
+        return None;
+    }
+    Some(PathBuf::from(value))
+}
+
+fn open_output(path: &Path) -> std::io::Result<File> {
+    if !std::fs::metadata(path)?.file_type().is_fifo() {
+        return OpenOptions::new().append(true).create(true).open(path);
+    }
+    // Opened read-write first, which never blocks nor fails with ENXIO; then write-only, and the
+    // read-write handle dropped, so that a write fails (EPIPE) rather than blocks forever once
+    // containerd's reader is gone.
+    let both = OpenOptions::new().read(true).write(true).open(path)?;
+    let write_only = OpenOptions::new().write(true).open(path)?;
+    drop(both);
+    Ok(write_only)
+}
+
+async fn relay_output(
+    agent: AgentClient,
+    container: String,
+    exec: String,
+    stderr: bool,
+    path: PathBuf,
+) {
+    let opened = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || open_output(&path)).await
+    };
+    let mut file = match opened {
+        Ok(Ok(file)) => Some(file),
+        Ok(Err(err)) => {
+            warn!(path = %path.display(), %err, "cannot open the output FIFO; output is discarded");
+            None
+        }
+        Err(err) => {
+            warn!(%err, "output FIFO open task failed");
+            None
+        }
+    };
+    loop {
+        let chunk = if stderr {
+            agent.read_stderr(&container, &exec, MAX_IO_CHUNK).await
+        } else {
+            agent.read_stdout(&container, &exec, MAX_IO_CHUNK).await
+        };
+        let data = match chunk {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(err) => {
+                debug!(%container, %exec, stderr, %err, "output relay ends");
+                break;
+            }
+        };
+        if let Some(mut f) = file.take() {
+            let written = tokio::task::spawn_blocking(move || f.write_all(&data).map(|()| f)).await;
+            match written {
+                Ok(Ok(f)) => file = Some(f),
+                Ok(Err(err)) => {
+                    // The reader went away (ctr exited): keep draining the agent's stream.
+                    debug!(path = %path.display(), %err, "output FIFO write failed");
+                }
+                Err(err) => warn!(%err, "output write task failed"),
+            }
+        }
+    }
+}
+
+fn relay_stdin(
+    agent: AgentClient,
+    container: String,
+    exec: String,
+    path: PathBuf,
+    mut close: oneshot::Receiver<()>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    // The reading side blocks (open waits for containerd's writer, reads wait for data): a
+    // thread of its own, which ends at end of file or when the shim exits.
+    let reader_path = path.clone();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-relay".into())
+        .spawn(move || {
+            let mut file = match File::open(&reader_path) {
+                Ok(file) => file,
+                Err(err) => {
+                    warn!(path = %reader_path.display(), %err, "cannot open the stdin FIFO");
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; STDIN_CHUNK];
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = buf.get(..n).unwrap_or_default().to_vec();
+                        if chunks_tx.blocking_send(chunk).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        debug!(%err, "stdin FIFO read failed");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        warn!(%err, "cannot start the stdin relay thread");
+    }
+    handle.spawn(async move {
+        loop {
+            tokio::select! {
+                chunk = chunks_rx.recv() => match chunk {
+                    Some(data) => {
+                        if let Err(err) = agent.write_all_stdin(&container, &exec, &data).await {
+                            debug!(%err, "stdin relay ends");
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut close => break,
+            }
+        }
+        if let Err(err) = agent.close_stdin(&container, &exec).await {
+            debug!(%err, "CloseStdin failed");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_paths_from_containerd_values() {
+        assert_eq!(fifo_path(""), None);
+        assert_eq!(fifo_path("/run/x/stdout"), Some("/run/x/stdout".into()));
+        assert_eq!(fifo_path("fifo:///run/x/o"), Some("/run/x/o".into()));
+        assert_eq!(fifo_path("file:///var/log/o"), Some("/var/log/o".into()));
+        assert_eq!(fifo_path("binary:///bin/logger?a=b"), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! The shim's process-level commands (containerd's shim v2 protocol): `start` (spawn or reuse
+//! the shim of the container's group and print its address) and `delete` (clean up after a
+//! shim that died), and the long-lived server's task service.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::{Config, Error, Flags, StartOpts};
+use husk_runtime::id::ContainerId;
+use tracing::warn;
+
+use crate::pod;
+use crate::service::Service;
+use crate::vm;
+
+/// Exit status reported by `delete` for a task whose shim died (as runc's shim: SIGKILL).
+const KILLED_STATUS: u32 = 128 + 9;
+
+/// The shim: one per microVM.
+pub struct HuskShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for HuskShim {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        HuskShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // containerd runs `start` in the bundle directory.
+        let grouping = match husk_runtime::bundle::load(Path::new(".")) {
+            Ok(bundle) => pod::grouping(&bundle.spec, &opts.id),
+            Err(err) => {
+                warn!(%err, "cannot read the bundle; the task gets a shim of its own");
+                opts.id.clone()
+            }
+        };
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        std::fs::write("address", &address)
+            .map_err(|e| Error::Other(format!("cannot write the address file: {e}")))?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        // The shim of this task died: remove what its VM left (a VM is named after the task that
+        // booted it, the standalone container or the pod's sandbox).
+        let cleanup = async {
+            let config = vm::load_config().map_err(|e| e.to_string())?;
+            let id = ContainerId::new(&self.id).map_err(|e| e.to_string())?;
+            vm::cleanup_leftovers(&config, &id)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        if let Err(err) = cleanup.await {
+            warn!(id = %self.id, %err, "cleanup of the sandbox failed");
+        }
+        let rootfs = Path::new("rootfs");
+        while nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        Ok(DeleteResponse {
+            exit_status: KILLED_STATUS,
+            exited_at: MessageField::some(Timestamp::from(SystemTime::now())),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        Service::new(publisher, self.namespace.clone(), self.exit.clone())
+    }
+}

@@ -1,0 +1,385 @@
+//! containerd-shim-husk-v2 end to end: Debian's containerd (1.6) started by the test with its own
+//! configuration, root, state and socket; a busybox image built here (an OCI image tarball from
+//! busybox-static, `ctr image import`); `ctr run --runtime io.containerd.husk.v2` runs it in a
+//! microVM. Needs a real KVM: run with `tests/e2e/run shim` (inside the test host).
+//!
+//! Every test checks that nothing is left behind: no shim, no husk-vmm, no sandbox directory,
+//! no mount under the test's directory.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use husk_e2e::{
+    guest_initramfs, guest_kernel, require_program, require_real_kvm, TempDir, Watched,
+};
+
+const RUNTIME: &str = "io.containerd.husk.v2";
+const IMAGE: &str = "docker.io/library/husk-busybox:e2e";
+const SHIM: &str = "containerd-shim-husk-v2";
+/// Applets linked in the image's /bin.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "ls", "uname", "hostname", "id", "kill", "ps",
+    "test", "mkdir", "touch",
+];
+
+/// The directory holding the workspace's binaries (the test binary is in its `deps/`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf()
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// Writes `blob` into the OCI layout's blobs; returns (digest, size).
+fn add_blob(layout: &Path, file: &Path) -> (String, u64) {
+    let digest = sha256(file);
+    let size = fs::metadata(file).unwrap().len();
+    let dir = layout.join("blobs/sha256");
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(file, dir.join(&digest)).unwrap();
+    (format!("sha256:{digest}"), size)
+}
+
+/// An OCI image tarball with /bin/busybox (Debian's busybox-static) and applet links.
+fn build_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("image-rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy /bin/busybox");
+    for applet in APPLETS {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+    let layer = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of the image layer failed");
+
+    let layout = dir.join("oci");
+    fs::create_dir_all(&layout).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let (layer_digest, layer_size) = add_blob(&layout, &layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let config_file = dir.join("config.json");
+    fs::write(&config_file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let (config_digest, config_size) = add_blob(&layout, &config_file);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer_size}],
+    });
+    let manifest_file = dir.join("manifest.json");
+    fs::write(&manifest_file, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let (manifest_digest, manifest_size) = add_blob(&layout, &manifest_file);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": IMAGE,
+                            "org.opencontainers.image.ref.name": "e2e"},
+        }],
+    });
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let tarball = dir.join("image.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tarball)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of the OCI layout failed");
+    tarball
+}
+
+/// Lines of /proc/self/mountinfo whose mount point is under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// PIDs of processes whose program (argv[0]'s file name) is `program`.
+fn processes_named(program: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let name = Path::new(std::str::from_utf8(argv0).unwrap_or_default()).file_name();
+        if name.is_some_and(|n| n == program) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A containerd of the test's own, with the husk shim on its PATH and the busybox image.
+struct Containerd {
+    dir: TempDir,
+    socket: PathBuf,
+    shim_root: PathBuf,
+    console_dir: PathBuf,
+    daemon: Option<Watched>,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        require_real_kvm();
+        require_program("containerd", "containerd");
+        require_program("ctr", "containerd");
+        assert!(
+            Path::new("/bin/busybox").is_file(),
+            "/bin/busybox missing: apt-get install busybox-static"
+        );
+        let bins = bin_dir();
+        for bin in [SHIM, "husk-vmm"] {
+            assert!(
+                bins.join(bin).is_file(),
+                "{} missing: cargo build --workspace",
+                bins.join(bin).display()
+            );
+        }
+        let dir = TempDir::new("shim");
+        let root = dir.path();
+        let socket = root.join("containerd.sock");
+        let shim_root = root.join("husk");
+        let console_dir = root.join("console");
+        let husk_config = root.join("husk.toml");
+        fs::write(
+            &husk_config,
+            format!(
+                "[guest]\nkernel = {:?}\ninitramfs = {:?}\n[vmm]\npath = {:?}\n[console]\nlog_dir = {:?}\n",
+                guest_kernel(),
+                guest_initramfs(),
+                bins.join("husk-vmm"),
+                console_dir,
+            ),
+        )
+        .unwrap();
+        let config = root.join("containerd.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = {:?}
+state = {:?}
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = {:?}
+[ttrpc]
+  address = {:?}
+"#,
+                root.join("root"),
+                root.join("state"),
+                socket,
+                root.join("containerd.sock.ttrpc"),
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            bins.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut daemon = Watched::spawn(
+            "containerd",
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config)
+                .arg("--log-level")
+                .arg("debug")
+                .env("PATH", &path)
+                .env("HUSK_CONFIG", &husk_config)
+                .env("HUSK_SHIM_ROOT", &shim_root)
+                .env("HUSK_LOG", "info"),
+        );
+        daemon.expect_marker("containerd successfully booted", Duration::from_secs(60));
+        let this = Containerd {
+            dir,
+            socket,
+            shim_root,
+            console_dir,
+            daemon: Some(daemon),
+        };
+        let tarball = build_image(this.dir.path());
+        let out = this.ctr(&["image", "import", tarball.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "ctr image import failed: {}",
+            describe(&out)
+        );
+        let out = this.ctr(&["image", "ls", "-q"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(IMAGE),
+            "imported image not listed: {}",
+            describe(&out)
+        );
+        this
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// `ctr run --rm --runtime husk IMAGE ID ARGS...`.
+    fn run(&self, id: &str, args: &[&str]) -> Output {
+        let mut all = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
+    /// Asserts that no shim, no husk-vmm, no sandbox directory and no console log is left, within
+    /// a few seconds (the shim exits after containerd's Shutdown).
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let shims = processes_named(SHIM);
+            let vmms = processes_named("husk-vmm");
+            let sandboxes: Vec<_> = fs::read_dir(&self.shim_root)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let consoles: Vec<_> = fs::read_dir(&self.console_dir)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let mounts = mounts_under(&self.dir.path().join("husk"));
+            if shims.is_empty()
+                && vmms.is_empty()
+                && sandboxes.is_empty()
+                && consoles.is_empty()
+                && mounts.is_empty()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: shims {shims:?}, husk-vmm {vmms:?}, sandboxes {sandboxes:?}, \
+                 console logs {consoles:?}, mounts {mounts:?}\ncontainerd log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Watched::output)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.signal(libc::SIGTERM);
+            let _ = daemon.wait_exit(Duration::from_secs(20));
+        }
+        // Whatever a failed test left: shims and VMs killed, mounts detached, so the temporary
+        // directory can go.
+        for pid in processes_named(SHIM)
+            .into_iter()
+            .chain(processes_named("husk-vmm"))
+        {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let mut points = mounts_under(self.dir.path());
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in points {
+            let _ = Command::new("umount").args(["-l", &point]).status();
+        }
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn shim_ctr_run_prints_output_and_propagates_the_exit_code() {
+    let containerd = Containerd::start();
+
+    let out = containerd.run("hello", &["echo", "hello"]);
+    assert!(
+        out.status.success(),
+        "ctr run echo failed: {}\ncontainerd log:\n{}",
+        describe(&out),
+        containerd.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello\n",
+        "{}",
+        describe(&out)
+    );
+    containerd.assert_clean();
+
+    let out = containerd.run("exit3", &["sh", "-c", "echo to-stderr >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("to-stderr"),
+        "stderr not relayed: {}",
+        describe(&out)
+    );
+    containerd.assert_clean();
+}
