@@ -98,7 +98,7 @@ fn listen_address(listen: &str) -> Result<String> {
     bail!("--listen must be unix:PATH or vsock:PORT, got {listen:?}")
 }
 
-async fn serve(opts: Options, is_pid1: bool) -> Result<()> {
+async fn serve(opts: Options, is_pid1: bool, started: std::time::Instant) -> Result<()> {
     let reaper = reaper::Reaper::start().context("installing the SIGCHLD handler")?;
     if !is_pid1 {
         // SAFETY: plain prctl with integer arguments: orphans of containers come back to us.
@@ -117,7 +117,16 @@ async fn serve(opts: Options, is_pid1: bool) -> Result<()> {
         .with_context(|| format!("listening on {addr}"))?
         .register_service(husk_agent_protocol::agent_ttrpc::create_agent(service));
     server.start().await.context("starting the ttrpc server")?;
-    tracing::info!(%addr, "serving the agent API");
+    if is_pid1 {
+        // The guest's uptime (kernel boot included) and the agent's own start-up time, for
+        // boot-time measurements from the console.
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        let uptime = uptime.split_whitespace().next().unwrap_or("?");
+        let agent_ms = started.elapsed().as_millis();
+        tracing::info!(%addr, uptime_s = uptime, agent_ms, "serving the agent API");
+    } else {
+        tracing::info!(%addr, "serving the agent API");
+    }
     if is_pid1 {
         println!("{BOOT_MARKER}");
     }
@@ -134,6 +143,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_pid1() -> ! {
+    let started = std::time::Instant::now();
     pid1::install_panic_hook();
     if let Err(e) = pid1::mount_early_filesystems() {
         pid1::fatal(&format!("{e:#}"));
@@ -150,7 +160,7 @@ fn run_pid1() -> ! {
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         log: String::new(),
     };
-    let result = runtime().and_then(|rt| rt.block_on(serve(opts, true)));
+    let result = runtime().and_then(|rt| rt.block_on(serve(opts, true, started)));
     match result {
         Ok(()) => pid1::fatal("the agent service stopped"),
         Err(e) => pid1::fatal(&format!("{e:#}")),
@@ -170,5 +180,5 @@ fn main() -> Result<()> {
     }
     let opts = parse_args(args.get(1..).unwrap_or_default())?;
     init_logging(&opts.log);
-    runtime()?.block_on(serve(opts, false))
+    runtime()?.block_on(serve(opts, false, std::time::Instant::now()))
 }
