@@ -2,14 +2,15 @@
 //!
 //! FUSE requests arrive on a high-priority queue (FORGET, INTERRUPT) and one request queue; both
 //! are served the same way, on the event loop: the chain is validated (bounds, direction, size),
-//! then fuse-backend-rs's virtio-fs [`Server`] decodes the request and runs it on its
-//! [`PassthroughFs`] rooted at the shared directory.
+//! then fuse-backend-rs's virtio-fs [`Server`] decodes the request and runs it on its [`Vfs`]
+//! (which negotiates the FUSE options and refuses `.`, `..` and `/` in names that create or
+//! remove entries), whose only file system is a [`PassthroughFs`] of the shared directory at `/`.
 //!
 //! Confinement to the shared directory rests on PassthroughFs's design and on its configuration
 //! here: every inode is an `O_PATH | O_NOFOLLOW` fd opened relative to its parent's fd (symlinks
 //! are never followed on the host; the guest resolves them itself); `..` of the root is the root;
 //! only regular files and directories are ever opened (no device nodes, FIFOs or sockets);
-//! file handles (`open_by_handle_at`), extended attributes and DAX are off.
+//! file handles (`open_by_handle_at`), extended attributes, writeback caching and DAX are off.
 
 #[cfg(test)]
 mod tests;
@@ -17,7 +18,9 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fuse_backend_rs::abi::fuse_abi::FsOptions;
 use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -136,6 +139,14 @@ pub enum FsError {
         /// The error.
         err: std::io::Error,
     },
+    /// The passthrough file system could not be mounted in the FUSE server's VFS.
+    #[error("cannot share the directory {path}: {err}")]
+    Mount {
+        /// The shared directory.
+        path: PathBuf,
+        /// The error.
+        err: fuse_backend_rs::api::vfs::VfsError,
+    },
 }
 
 /// Why one request failed (the chain is returned with nothing written).
@@ -169,8 +180,8 @@ struct Active {
 /// The virtio-fs device.
 pub struct VirtioFs {
     tag: String,
-    fs: Arc<Fs>,
-    server: Server<Arc<Fs>>,
+    vfs: Arc<Vfs>,
+    server: Server<Arc<Vfs>>,
     active: Option<Active>,
 }
 
@@ -187,7 +198,8 @@ fn passthrough_config(root: &Path) -> Result<PassthroughConfig, FsError> {
         cache_policy: CachePolicy::Auto,
         writeback: false,
         xattr: false,
-        do_import: true,
+        // Imported below, before the VFS mounts it (the VFS then negotiates the options).
+        do_import: false,
         inode_file_handles: false,
         dax_file_size: None,
         seal_size: false,
@@ -199,6 +211,31 @@ fn passthrough_config(root: &Path) -> Result<PassthroughConfig, FsError> {
         no_readdir: false,
         ..PassthroughConfig::default()
     })
+}
+
+/// FUSE options offered to the guest (intersected with the guest's): large requests (1 MiB
+/// reads and writes in one request), parallel lookups, READDIRPLUS. Not offered: writeback
+/// caching, DAX, zero-message open, killpriv_v2, ioctl.
+fn vfs_options() -> VfsOptions {
+    VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        killpriv_v2: false,
+        no_readdir: false,
+        seal_size: false,
+        out_opts: FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::ASYNC_DIO
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::MAX_PAGES
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO,
+        ..VfsOptions::default()
+    }
 }
 
 impl VirtioFs {
@@ -214,11 +251,16 @@ impl VirtioFs {
         };
         let fs = Fs::new(passthrough_config(&config.path)?).map_err(open_err)?;
         fs.import().map_err(open_err)?;
-        let fs = Arc::new(fs);
+        let vfs = Vfs::new(vfs_options());
+        vfs.mount(Box::new(fs), "/").map_err(|err| FsError::Mount {
+            path: config.path.clone(),
+            err,
+        })?;
+        let vfs = Arc::new(vfs);
         Ok(VirtioFs {
             tag: config.tag.clone(),
-            server: Server::new(fs.clone()),
-            fs,
+            server: Server::new(vfs.clone()),
+            vfs,
             active: None,
         })
     }
@@ -236,7 +278,7 @@ impl VirtioFs {
 
     /// Serves one request; returns the number of bytes written into the chain.
     fn serve(
-        server: &Server<Arc<Fs>>,
+        server: &Server<Arc<Vfs>>,
         mem: &GuestMem,
         chain: DescriptorChain<&GuestMem>,
     ) -> Result<u32, RequestError> {
@@ -307,7 +349,7 @@ impl VirtioDevice for VirtioFs {
         self.active = None;
         // Forget every inode and open file the old driver had; the next driver starts with
         // FUSE_INIT on a fresh root.
-        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.fs);
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.vfs);
     }
 
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {

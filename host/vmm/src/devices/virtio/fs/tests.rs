@@ -138,11 +138,15 @@ impl<'a> Harness<'a> {
     }
 
     fn init(&mut self) -> InitOut {
+        self.init_with(0)
+    }
+
+    fn init_with(&mut self, flags: u32) -> InitOut {
         let init = InitIn {
             major: 7,
             minor: 31,
             max_readahead: 0x2_0000,
-            flags: 0,
+            flags,
         };
         let (out, body) = self.call(OP_INIT, 0, init.as_slice());
         assert_eq!(out.error, 0);
@@ -190,6 +194,27 @@ fn init_negotiates_the_protocol() {
 }
 
 #[test]
+fn init_grants_large_requests_but_no_writeback_or_dax() {
+    let dir = SharedDir::new("init-opts");
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &dir);
+    let offered = FsOptions::ASYNC_READ
+        | FsOptions::BIG_WRITES
+        | FsOptions::MAX_PAGES
+        | FsOptions::WRITEBACK_CACHE
+        | FsOptions::PERFILE_DAX
+        | FsOptions::ZERO_MESSAGE_OPEN;
+    let init = h.init_with(offered.bits() as u32);
+    let granted = FsOptions::from_bits_truncate(u64::from(init.flags));
+    assert!(granted.contains(FsOptions::ASYNC_READ | FsOptions::BIG_WRITES | FsOptions::MAX_PAGES));
+    assert!(!granted.intersects(
+        FsOptions::WRITEBACK_CACHE | FsOptions::PERFILE_DAX | FsOptions::ZERO_MESSAGE_OPEN
+    ));
+    assert_eq!(init.max_pages, 256);
+    assert_eq!(init.max_write, 1 << 20);
+}
+
+#[test]
 fn lookup_and_getattr_see_the_host_file() {
     let dir = SharedDir::new("lookup");
     std::fs::write(dir.0.join("hello"), b"hello from the host\n").unwrap();
@@ -221,10 +246,24 @@ fn dotdot_of_the_root_is_the_root() {
     let mem = test_mem();
     let mut h = Harness::new(&mem, &dir);
     h.init();
-    assert_eq!(h.lookup(ROOT, "..").unwrap().nodeid, ROOT);
+    // A sibling of the share in the host's temp dir: never visible through "..".
+    let sibling = dir.0.with_extension("sibling");
+    std::fs::write(&sibling, b"outside").unwrap();
+    let sibling_name = sibling.file_name().unwrap().to_str().unwrap();
     let sub = h.lookup(ROOT, "sub").unwrap();
-    assert_eq!(h.lookup(sub.nodeid, "..").unwrap().nodeid, ROOT);
+    // The VFS may give the root a second node id, but it is the same directory.
+    let parent_of_root = h.lookup(ROOT, "..").unwrap();
+    let parent_of_sub = h.lookup(sub.nodeid, "..").unwrap();
+    let grandparent = h.lookup(parent_of_root.nodeid, "..").unwrap();
+    for dir_node in [parent_of_root, parent_of_sub, grandparent] {
+        assert_eq!(h.lookup(dir_node.nodeid, "sub").unwrap().nodeid, sub.nodeid);
+        assert_eq!(
+            h.lookup(dir_node.nodeid, sibling_name).unwrap_err(),
+            libc::ENOENT
+        );
+    }
     assert_eq!(h.lookup(ROOT, "../etc").unwrap_err(), libc::EINVAL);
+    std::fs::remove_file(&sibling).unwrap();
 }
 
 #[test]
