@@ -458,13 +458,16 @@ fn virtio_fs_share_is_read_and_written_and_symlinks_stay_inside() {
     );
 
     let host_micros = host_read_micros(&big);
-    for pass in ["cold", "warm"] {
+    eprintln!(
+        "64 MiB read on the host: {:.1} MiB/s",
+        64.0 * 1e6 / host_micros.max(1) as f64
+    );
+    for pass in ["cold", "warm", "tmpfs"] {
         let (bytes, micros) = guest_read_figure(&console, pass).expect("guest read figure");
         assert_eq!(bytes, 64 << 20, "the guest read the whole big file");
         eprintln!(
-            "virtio-fs read of 64 MiB ({pass} guest cache): guest {:.1} MiB/s, host {:.1} MiB/s",
-            64.0 * 1e6 / micros.max(1) as f64,
-            64.0 * 1e6 / host_micros.max(1) as f64
+            "64 MiB read in the guest ({pass}): {:.1} MiB/s",
+            64.0 * 1e6 / micros.max(1) as f64
         );
     }
 }
