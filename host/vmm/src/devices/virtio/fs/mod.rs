@@ -10,7 +10,9 @@
 //! here: every inode is an `O_PATH | O_NOFOLLOW` fd opened relative to its parent's fd (symlinks
 //! are never followed on the host; the guest resolves them itself); `..` of the root is the root;
 //! only regular files and directories are ever opened (no device nodes, FIFOs or sockets);
-//! file handles (`open_by_handle_at`), extended attributes, writeback caching and DAX are off.
+//! file handles (`open_by_handle_at`), extended attributes, writeback caching and DAX are off;
+//! the thread serving requests has no CAP_MKNOD, so the guest cannot create device nodes that
+//! host users could open.
 
 #[cfg(test)]
 mod tests;
@@ -139,6 +141,9 @@ pub enum FsError {
         /// The error.
         err: std::io::Error,
     },
+    /// CAP_MKNOD could not be dropped.
+    #[error("cannot drop CAP_MKNOD from the thread serving virtio-fs: {0}")]
+    Capability(String),
     /// The passthrough file system could not be mounted in the FUSE server's VFS.
     #[error("cannot share the directory {path}: {err}")]
     Mount {
@@ -238,13 +243,28 @@ fn vfs_options() -> VfsOptions {
     }
 }
 
+/// Drops CAP_MKNOD from the calling thread's effective and permitted sets (for good: switching
+/// the effective uid back to 0 after a request does not bring it back). Device nodes the guest
+/// would create in the share could be opened by host users; FIFOs and sockets need no
+/// capability.
+fn drop_mknod_capability() -> Result<(), FsError> {
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        caps::drop(None, set, caps::Capability::CAP_MKNOD)
+            .map_err(|e| FsError::Capability(e.to_string()))?;
+    }
+    Ok(())
+}
+
 impl VirtioFs {
     /// Shares `config.path` under `config.tag`.
     ///
-    /// PassthroughFs sets the process umask to 0 (the guest's mode bits are applied as sent), so
-    /// the monitor creates its own files (console, vsock socket) before this.
+    /// Must be called on the thread that will serve the queues (the event loop): it drops
+    /// CAP_MKNOD from that thread. PassthroughFs sets the process umask to 0 (the guest's mode
+    /// bits are applied as sent), so the monitor creates its own files (console, vsock socket)
+    /// before this.
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
         validate_tag(&config.tag).map_err(FsError::BadTag)?;
+        drop_mknod_capability()?;
         let open_err = |err| FsError::Open {
             path: config.path.clone(),
             err,

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, EntryOut, GetattrIn, InHeader, InitIn, InitOut, OpenIn, OutHeader,
+    AttrOut, EntryOut, GetattrIn, InHeader, InitIn, InitOut, MknodIn, OpenIn, OutHeader,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -17,6 +17,7 @@ use crate::devices::virtio::test_utils::*;
 
 const OP_LOOKUP: u32 = 1;
 const OP_GETATTR: u32 = 3;
+const OP_MKNOD: u32 = 8;
 const OP_OPEN: u32 = 14;
 const OP_INIT: u32 = 26;
 const ROOT: u64 = 1;
@@ -298,6 +299,44 @@ fn special_files_are_never_opened() {
     assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFIFO);
     // Opening a FIFO would block the event loop; it is refused instead.
     assert_ne!(h.open(entry.nodeid), 0);
+}
+
+fn mknod(h: &mut Harness, name: &str, mode: u32, rdev: u32) -> i32 {
+    let args = MknodIn {
+        mode,
+        rdev,
+        umask: 0,
+        padding: 0,
+    };
+    let mut body = args.as_slice().to_vec();
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    -h.call(OP_MKNOD, ROOT, &body).0.error
+}
+
+#[test]
+fn guest_cannot_create_device_nodes_but_fifos() {
+    assert!(
+        caps::has_cap(None, caps::CapSet::Permitted, caps::Capability::CAP_MKNOD).unwrap(),
+        "this test needs CAP_MKNOD (run as root) to show the device drops it"
+    );
+    let dir = SharedDir::new("mknod");
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &dir);
+    h.init();
+    // /dev/null's numbers: a node host users could open if it were created.
+    let null = ((1 << 8) | 3) as u32;
+    assert_eq!(
+        mknod(&mut h, "chr", libc::S_IFCHR | 0o666, null),
+        libc::EPERM
+    );
+    assert_eq!(
+        mknod(&mut h, "blk", libc::S_IFBLK | 0o666, null),
+        libc::EPERM
+    );
+    assert!(!dir.0.join("chr").exists() && !dir.0.join("blk").exists());
+    assert_eq!(mknod(&mut h, "fifo", libc::S_IFIFO | 0o644, 0), 0);
+    assert!(dir.0.join("fifo").exists());
 }
 
 #[test]
