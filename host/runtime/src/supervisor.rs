@@ -510,8 +510,10 @@ async fn set_up(
             .create(dir)
             .map_err(io_err("create the console log directory", dir))?;
     }
+    let started = std::time::Instant::now();
     let vmm = spawn_vmm(&prepared.config, prepared.size, paths)?;
     let vmm = sandbox.vmm.insert(vmm);
+    tracing::debug!(pid = vmm.id(), "{id}: husk-vmm started");
     let client = tokio::select! {
         client = agent::connect(&paths.vsock, BOOT_TIMEOUT) => client?,
         status = vmm.wait() => {
@@ -523,6 +525,7 @@ async fn set_up(
             });
         }
     };
+    tracing::debug!(ms = started.elapsed().as_millis(), "{id}: agent connected");
     client
         .create_sandbox(&CreateSandboxRequest {
             sandbox_id: id.to_string(),
@@ -553,6 +556,10 @@ async fn set_up(
         })
         .await
         .map_err(AgentError::from)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "{id}: container created"
+    );
     let stdio = if prepared.terminal() {
         let size = prepared
             .bundle
