@@ -34,8 +34,60 @@ fn send(sync: &mut File, msg: &SyncMsg) {
     }
 }
 
+/// The kernel's `struct sigaction` on x86_64 (what `rt_sigaction(2)` takes).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::c_ulong,
+    flags: libc::c_ulong,
+    restorer: libc::c_ulong,
+    mask: u64,
+}
+
+/// Gives the container's process the signal state a fresh process has: every disposition at its
+/// default and nothing blocked. Rust's runtime ignores SIGPIPE in this helper, and an ignored
+/// signal stays ignored across exec: `yes | head` in the container would then see EPIPE errors
+/// instead of dying quietly by SIGPIPE. Ignored dispositions inherited from whoever started the
+/// agent (real-time signals included) go too. The raw system call is used because the C library
+/// refuses to touch the signals it reserves for itself (32-34 for musl and glibc).
+fn reset_signals() {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL as libc::c_ulong,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads a valid kernel sigaction of the size passed (8-byte mask)
+        // and writes nothing (null old action); SIG_DFL runs no code in this process.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    let empty: u64 = 0;
+    // SAFETY: rt_sigprocmask reads an 8-byte mask and writes nothing (null old mask).
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+}
+
 /// Entry point of the helper; never returns.
 pub fn main(config_path: &str) -> ! {
+    reset_signals();
     // SAFETY: the agent always passes the sync pipe as fd 3 to this helper; we own it from here.
     let mut sync = unsafe { File::from_raw_fd(SYNC_FD) };
     let code = match run(config_path, &mut sync) {

@@ -808,3 +808,29 @@ async fn the_agent_itself_refuses_bad_ids_oversize_specs_and_missing_versions() 
         "something was created from the id ../x"
     );
 }
+
+#[tokio::test]
+async fn processes_start_with_default_signal_dispositions() {
+    let a = start_agent("sigstate").await;
+    // Exec'd directly (no shell in between): what the container's process inherits.
+    let o = run(
+        &a,
+        "sigstate",
+        &spec(&["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]),
+    )
+    .await;
+    // An ignored SIGPIPE would turn `yes | head` into write errors instead of a quiet exit.
+    let pipe = run(
+        &a,
+        "pipe",
+        &spec(&["sh", "-c", "yes | head -c 4 >/dev/null; echo piped"]),
+    )
+    .await;
+
+    assert_eq!(
+        o.stdout,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+    assert_eq!(pipe.stdout, "piped\n");
+    assert_eq!(pipe.stderr, "", "yes saw a write error");
+}
