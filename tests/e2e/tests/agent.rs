@@ -834,3 +834,32 @@ async fn processes_start_with_default_signal_dispositions() {
     assert_eq!(pipe.stdout, "piped\n");
     assert_eq!(pipe.stderr, "", "yes saw a write error");
 }
+
+#[tokio::test]
+async fn no_agent_file_descriptor_leaks_into_containers_or_execs() {
+    let a = start_agent("fds").await;
+    // `ls` itself holds the directory it lists open as fd 3; anything more is a leak.
+    let o = run(&a, "fds", &spec(&["ls", "/proc/self/fd"])).await;
+    create(&a, "fds-exec", &spec(&["sleep", "1000"]))
+        .await
+        .expect("create");
+    a.client.start_container("fds-exec").await.expect("start");
+    let process = json!({"args": ["ls", "/proc/self/fd"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+    a.client
+        .exec_process("fds-exec", "ls", process.to_string().as_bytes())
+        .await
+        .expect("exec");
+    let exec_out = a
+        .client
+        .read_to_end(false, "fds-exec", "ls", OUTPUT_LIMIT)
+        .await
+        .expect("read");
+    a.client.remove_container("fds-exec").await.expect("remove");
+
+    assert_eq!(o.stdout, "0\n1\n2\n3\n", "container init fds");
+    assert_eq!(
+        String::from_utf8_lossy(&exec_out),
+        "0\n1\n2\n3\n",
+        "exec fds"
+    );
+}
