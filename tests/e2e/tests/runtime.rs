@@ -702,3 +702,48 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(4), "{}", husk.explain(&out));
     husk.assert_clean();
 }
+
+#[test]
+fn a_monitor_that_fails_leaves_nothing() {
+    let husk = Husk::new("vmmfail");
+    let config = husk.dir.path().join("husk.toml");
+    let text_config = fs::read_to_string(&config).unwrap();
+    let vmm = format!("{:?}", target_bin("husk-vmm"));
+    fs::write(&config, text_config.replace(&vmm, "\"/bin/false\"")).unwrap();
+    let bundle = husk.bundle("b", &["true"], |_| {});
+    let (out, _) = husk.detached(
+        "create",
+        &["create", "--bundle", bundle.to_str().unwrap(), "c1"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", husk.explain(&out));
+    assert!(
+        text(&out.stderr).contains("husk-vmm exited"),
+        "{}",
+        husk.explain(&out)
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn a_container_the_agent_refuses_leaves_nothing() {
+    let husk = Husk::new("refused");
+    // Joining a namespace by path is refused by the agent, after the microVM booted.
+    let bundle = husk.bundle("b", &["true"], |spec| {
+        let namespaces = spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces");
+        namespaces.retain(|ns| ns["type"] != "network");
+        namespaces.push(json!({"type": "network", "path": "/proc/1/ns/net"}));
+    });
+    let (out, _) = husk.detached(
+        "create",
+        &["create", "--bundle", bundle.to_str().unwrap(), "c1"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", husk.explain(&out));
+    assert!(
+        text(&out.stderr).contains("CreateContainer"),
+        "{}",
+        husk.explain(&out)
+    );
+    husk.assert_clean();
+}
