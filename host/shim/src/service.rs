@@ -15,7 +15,7 @@ use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -218,16 +218,16 @@ impl Service {
                     hostname,
                 })
                 .await?;
-                state.vm = Some(Arc::new(vm));
+                let vm = Arc::new(vm);
+                self.spawn_oom_watcher(&vm);
+                state.vm = Some(vm);
                 true
             }
         };
         let result = self.create_container(state, id, &bundle, req).await;
         if result.is_err() && booted_here {
             if let Some(vm) = state.vm.take() {
-                if let Ok(vm) = Arc::try_unwrap(vm) {
-                    vm.shutdown().await;
-                }
+                vm.shutdown().await;
             }
         }
         result
@@ -329,6 +329,32 @@ impl Service {
             );
         }
         Ok(pid)
+    }
+
+    /// Publishes TaskOOM for every OOM kill the agent reports, until the VM goes away.
+    fn spawn_oom_watcher(&self, vm: &Arc<Vm>) {
+        let this = self.clone();
+        let agent = vm.agent.clone();
+        tokio::spawn(async move {
+            loop {
+                match agent.get_oom_event().await {
+                    Ok(container_id) => {
+                        warn!(container = %container_id, "OOM kill in the guest");
+                        this.publish(
+                            topics::TASK_OOM_EVENT_TOPIC,
+                            Box::new(TaskOOM {
+                                container_id,
+                                ..Default::default()
+                            }),
+                        );
+                    }
+                    Err(err) => {
+                        info!(%err, "OOM event watch ends");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Waits for the process's end in the guest (or the VM's), lets its output drain, records

@@ -202,7 +202,7 @@ impl Vm {
     }
 
     /// Stops the guest and husk-vmm and removes every file of the sandbox.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         if self.exited().is_none() {
             let mut agent = self.agent.clone();
             agent.set_timeout(DESTROY_TIMEOUT);
@@ -210,7 +210,7 @@ impl Vm {
                 warn!(sandbox = %self.id, %err, "DestroySandbox failed; stopping the VM anyway");
             }
         }
-        cleanup(&self.files, Some(self.vmm_pid), Some(self.vmm_exit)).await;
+        cleanup(&self.files, Some(self.vmm_pid), Some(self.vmm_exit.clone())).await;
     }
 }
 

@@ -286,6 +286,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Asserts that no shim, no husk-vmm, no sandbox directory and no console log is left, within
     /// a few seconds (the shim exits after containerd's Shutdown).
     fn assert_clean(&self) {
+        let started = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let shims = processes_named(SHIM);
@@ -303,6 +304,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 && consoles.is_empty()
                 && mounts.is_empty()
             {
+                eprintln!("clean after {:?}", started.elapsed());
                 return;
             }
             assert!(
@@ -359,7 +361,13 @@ fn describe(out: &Output) -> String {
 fn shim_ctr_run_prints_output_and_propagates_the_exit_code() {
     let containerd = Containerd::start();
 
+    let started = Instant::now();
     let out = containerd.run("hello", &["echo", "hello"]);
+    eprintln!(
+        "ctr run echo hello: {:?} in {:?}",
+        out.status,
+        started.elapsed()
+    );
     assert!(
         out.status.success(),
         "ctr run echo failed: {}\ncontainerd log:\n{}",
@@ -381,5 +389,230 @@ fn shim_ctr_run_prints_output_and_propagates_the_exit_code() {
         "stderr not relayed: {}",
         describe(&out)
     );
+    containerd.assert_clean();
+}
+
+/// Runs `ctr ARGS` and asserts it succeeded; returns its stdout.
+fn ctr_ok(containerd: &Containerd, args: &[&str]) -> String {
+    let started = Instant::now();
+    let out = containerd.ctr(args);
+    eprintln!("ctr {args:?}: {:?} in {:?}", out.status, started.elapsed());
+    assert!(
+        out.status.success(),
+        "ctr {args:?} failed: {}\ncontainerd log:\n{}",
+        describe(&out),
+        containerd.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status column of `ctr task ls` for task `id`.
+fn task_status(containerd: &Containerd, id: &str) -> String {
+    let out = ctr_ok(containerd, &["task", "ls"]);
+    out.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("absent")
+        .to_owned()
+}
+
+fn wait_status(containerd: &Containerd, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = task_status(containerd, id);
+        if status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} is {status}, not {want}\ncontainerd log:\n{}",
+            containerd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn shim_exec_ps_metrics_pause_resume_and_sigterm() {
+    let containerd = Containerd::start();
+    let script = "trap 'echo got-term; exit 7' TERM; echo started; while true; do sleep 1; done";
+    ctr_ok(
+        &containerd,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "long",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    wait_status(&containerd, "long", "RUNNING");
+
+    // exec: output and exit status of the exec'd process.
+    let out = containerd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "long",
+        "sh",
+        "-c",
+        "echo exec-out; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-out\n");
+
+    // ps: the guest PIDs of the container's processes (sh and its sleep at least).
+    let ps = ctr_ok(&containerd, &["task", "ps", "long"]);
+    assert!(ps.lines().count() >= 2, "ctr task ps: {ps}");
+
+    // metrics: containerd decodes the cgroup v2 metrics.
+    let metrics = ctr_ok(&containerd, &["task", "metrics", "long"]);
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ctr task metrics:\n{metrics}"))
+    };
+    assert!(value("pids.current") >= 2, "{metrics}");
+    assert!(value("memory.usage") > 0, "{metrics}");
+    assert!(value("cpu.usage_usec") > 0, "{metrics}");
+
+    // pause / resume.
+    ctr_ok(&containerd, &["task", "pause", "long"]);
+    assert_eq!(task_status(&containerd, "long"), "PAUSED");
+    ctr_ok(&containerd, &["task", "resume", "long"]);
+    assert_eq!(task_status(&containerd, "long"), "RUNNING");
+
+    // SIGTERM: the trap runs; `ctr task delete` exits with the task's status.
+    ctr_ok(&containerd, &["task", "kill", "-s", "SIGTERM", "long"]);
+    wait_status(&containerd, "long", "STOPPED");
+    // ctr 1.6 reports a non-zero status as a warning (its own status stays 0).
+    let out = containerd.ctr(&["task", "delete", "long"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exit code 7"),
+        "{}",
+        describe(&out)
+    );
+    ctr_ok(&containerd, &["container", "delete", "long"]);
+    containerd.assert_clean();
+}
+
+#[test]
+fn shim_sigkill_stdin_and_tty() {
+    let containerd = Containerd::start();
+
+    // SIGKILL: status 128 + 9.
+    ctr_ok(
+        &containerd,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "victim",
+            "sleep",
+            "1000",
+        ],
+    );
+    wait_status(&containerd, "victim", "RUNNING");
+    ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", "victim"]);
+    wait_status(&containerd, "victim", "STOPPED");
+    let out = containerd.ctr(&["task", "delete", "victim"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exit code 137"),
+        "{}",
+        describe(&out)
+    );
+    ctr_ok(&containerd, &["container", "delete", "victim"]);
+    containerd.assert_clean();
+
+    // stdin (ctr 1.6 always attaches its own): piped in, end of file reaches the process.
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.socket)
+        .args([
+            "run",
+            "--rm",
+            "-i",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "cat1",
+            "cat",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr run -i");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"piped through stdin\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "piped through stdin\n"
+    );
+    containerd.assert_clean();
+
+    // tty: ctr -t needs a terminal of its own; script(1) gives it one.
+    let command = format!(
+        "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} tty1 sh -c 'test -t 1 && echo is-a-tty'",
+        containerd.socket.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (bsdutils)");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is-a-tty"),
+        "{}\ncontainerd log:\n{}",
+        describe(&out),
+        containerd.log()
+    );
+    containerd.assert_clean();
+}
+
+#[test]
+fn shim_vmm_killed_reports_the_exit_and_cleans_up() {
+    let containerd = Containerd::start();
+    ctr_ok(
+        &containerd,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "doomed",
+            "sleep",
+            "1000",
+        ],
+    );
+    wait_status(&containerd, "doomed", "RUNNING");
+    let vmms = processes_named("husk-vmm");
+    assert_eq!(vmms.len(), 1, "husk-vmm processes: {vmms:?}");
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(vmms[0] as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 husk-vmm");
+    wait_status(&containerd, "doomed", "STOPPED");
+    let out = containerd.ctr(&["task", "delete", "doomed"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exit code 255"),
+        "{}",
+        describe(&out)
+    );
+    ctr_ok(&containerd, &["container", "delete", "doomed"]);
     containerd.assert_clean();
 }
