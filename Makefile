@@ -4,7 +4,7 @@ CARGO ?= cargo
 MUSL := x86_64-unknown-linux-musl
 AGENT := target/$(MUSL)/release/husk-agent
 
-.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest vmm-echo-image test-e2e test demo clean bench-boot
+.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest vmm-echo-image test-e2e test demo clean bench-boot bench-fs
 
 all: build
 
@@ -55,3 +55,7 @@ clean:
 # Boot benchmark: husk-vmm against QEMU -M microvm in the test host; prints medians and ratios.
 bench-boot: guest
 	host/vmm/bench/boot
+
+# virtio-fs benchmark: large- and small-file reads on the host and in a husk-vmm guest (test host).
+bench-fs: guest-kernel deps-rust
+	host/vmm/bench/fs
