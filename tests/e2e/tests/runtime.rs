@@ -70,6 +70,14 @@ fn busybox_rootfs() -> &'static Path {
 /// One test's husk: its own root, configuration and console log directory.
 struct Husk {
     dir: TempDir,
+    /// `--root`: short (podman's 64-character IDs must fit in a socket path under it).
+    root: PathBuf,
+}
+
+impl Drop for Husk {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.root);
+    }
 }
 
 impl Husk {
@@ -84,11 +92,14 @@ impl Husk {
             dir.path().join("logs"),
         );
         fs::write(dir.path().join("husk.toml"), config).expect("write husk.toml");
-        Husk { dir }
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = PathBuf::from(format!("/tmp/hk-{}-{n}", std::process::id()));
+        Husk { dir, root }
     }
 
     fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.root.clone()
     }
 
     fn command(&self) -> Command {
@@ -746,4 +757,94 @@ fn a_container_the_agent_refuses_leaves_nothing() {
         husk.explain(&out)
     );
     husk.assert_clean();
+}
+
+#[test]
+fn podman_runs_containers_with_husk() {
+    let husk = Husk::new("podman");
+    let podman = husk_e2e::require_program("podman", "podman");
+    let storage = husk.dir.path().join("storage");
+    let runroot = husk.dir.path().join("runroot");
+    let config_flag = format!("config={}", husk.dir.path().join("husk.toml").display());
+    // podman runs `husk delete` from its cleanup process (started by conmon) without the
+    // --runtime-flag options, so the state must be under the default root, /run/husk.
+    let default_root = Path::new("/run/husk");
+    let entries = |dir: &Path| -> Vec<std::ffi::OsString> {
+        fs::read_dir(dir)
+            .map(|e| e.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let before = entries(default_root);
+    let podman_cmd = |args: &[&str]| {
+        let mut cmd = Command::new(&podman);
+        cmd.arg("--root")
+            .arg(&storage)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file", "--runtime"])
+            .arg(target_bin("husk"))
+            .args(["--runtime-flag", &config_flag])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    };
+    // The image: the busybox rootfs, imported (no registry).
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(busybox_rootfs())
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let out = podman_cmd(&["import", "-", "localhost/husk-busybox"])
+        .stdin(tar.stdout.take().expect("tar stdout"))
+        .output()
+        .expect("podman import");
+    assert!(tar.wait().expect("tar").success());
+    assert!(out.status.success(), "podman import: {}", text(&out.stderr));
+
+    let out = podman_cmd(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "localhost/husk-busybox",
+        "echo",
+        "hi",
+    ])
+    .output()
+    .expect("podman run");
+    assert!(out.status.success(), "podman run: {}", husk.explain(&out));
+    assert_eq!(text(&out.stdout), "hi\n");
+
+    let out = podman_cmd(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "localhost/husk-busybox",
+        "sh",
+        "-c",
+        "uname -r; exit 3",
+    ])
+    .output()
+    .expect("podman run");
+    assert_eq!(out.status.code(), Some(3), "{}", husk.explain(&out));
+    assert_ne!(text(&out.stdout).trim(), host_kernel());
+
+    let out = podman_cmd(&["ps", "-a", "-q"]).output().expect("podman ps");
+    assert_eq!(text(&out.stdout), "", "podman has no container left");
+    // The cleanup process may still be finishing.
+    let start = Instant::now();
+    while entries(default_root) != before && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        entries(default_root),
+        before,
+        "containers left under /run/husk"
+    );
+    let procs = processes_naming("husk-vmm");
+    assert!(procs.is_empty(), "processes left: {procs:?}");
 }
