@@ -197,3 +197,62 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     };
     Ok(u8::try_from(code & 0xff).unwrap_or(exit::FAILURE))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(line: &[&str]) -> Args {
+        #[derive(Debug, clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: Args,
+        }
+        Wrapper::parse_from(std::iter::once("exec").chain(line.iter().copied())).args
+    }
+
+    fn base() -> Process {
+        let mut p = Process::default();
+        p.set_env(Some(vec!["PATH=/bin".into(), "A=1".into()]));
+        p.set_cwd("/work".into());
+        p
+    }
+
+    #[test]
+    fn the_command_replaces_the_args_of_the_containers_process() {
+        let p = process(&args(&["c1", "sh", "-c", "echo hi"]), Some(base())).unwrap();
+        assert_eq!(p.args().clone().unwrap(), ["sh", "-c", "echo hi"]);
+        assert_eq!(p.cwd(), Path::new("/work"));
+        assert_eq!(p.terminal(), Some(false));
+    }
+
+    #[test]
+    fn env_cwd_user_and_tty_apply() {
+        let a = args(&[
+            "-t", "-e", "A=2", "-e", "B=3", "--cwd", "/tmp", "-u", "5:6", "c1", "id",
+        ]);
+        let p = process(&a, Some(base())).unwrap();
+        assert_eq!(p.env().clone().unwrap(), ["PATH=/bin", "A=2", "B=3"]);
+        assert_eq!(p.cwd(), Path::new("/tmp"));
+        assert_eq!((p.user().uid(), p.user().gid()), (5, 6));
+        assert_eq!(p.terminal(), Some(true));
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        assert!(process(&args(&["c1"]), Some(base())).is_err(), "no command");
+        assert!(process(&args(&["--cwd", "rel", "c1", "id"]), None).is_err());
+        assert!(process(&args(&["-e", "NOEQUALS", "c1", "id"]), None).is_err());
+        assert!(process(&args(&["-u", "root", "c1", "id"]), None).is_err());
+    }
+
+    #[test]
+    fn exec_ids_are_valid_agent_ids() {
+        let id = exec_id();
+        husk_agent_protocol::validate::validate_id("exec id", &id).unwrap();
+    }
+}
