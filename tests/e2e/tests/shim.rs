@@ -537,16 +537,7 @@ fn shim_sigkill_stdin_and_tty() {
     let mut child = Command::new("ctr")
         .arg("--address")
         .arg(&containerd.socket)
-        .args([
-            "run",
-            "--rm",
-            "-i",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "cat1",
-            "cat",
-        ])
+        .args(["run", "--rm", "--runtime", RUNTIME, IMAGE, "cat1", "cat"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -614,5 +605,94 @@ fn shim_vmm_killed_reports_the_exit_and_cleans_up() {
         describe(&out)
     );
     ctr_ok(&containerd, &["container", "delete", "doomed"]);
+    containerd.assert_clean();
+}
+
+/// The guest's boot ID seen from a process exec'd in task `id`.
+fn boot_id(containerd: &Containerd, id: &str, exec_id: &str) -> String {
+    let out = ctr_ok(
+        containerd,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ],
+    );
+    let boot_id = out.trim().to_owned();
+    assert_eq!(boot_id.len(), 36, "boot id {boot_id:?}");
+    boot_id
+}
+
+#[test]
+fn shim_pod_containers_share_one_vm_by_cri_annotations() {
+    let containerd = Containerd::start();
+    // The CRI plugin's annotations, given by hand: a sandbox, then a container of its pod.
+    ctr_ok(
+        &containerd,
+        &[
+            "run",
+            "-d",
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "pod1",
+            "sleep",
+            "1000",
+        ],
+    );
+    wait_status(&containerd, "pod1", "RUNNING");
+    ctr_ok(
+        &containerd,
+        &[
+            "run",
+            "-d",
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "app1",
+            "sleep",
+            "1000",
+        ],
+    );
+    wait_status(&containerd, "app1", "RUNNING");
+    assert_eq!(
+        processes_named("husk-vmm").len(),
+        1,
+        "one VM for the pod\ncontainerd log:\n{}",
+        containerd.log()
+    );
+    assert_eq!(
+        processes_named(SHIM).len(),
+        1,
+        "one shim for the pod\ncontainerd log:\n{}",
+        containerd.log()
+    );
+    assert_eq!(
+        boot_id(&containerd, "pod1", "b1"),
+        boot_id(&containerd, "app1", "b2")
+    );
+
+    // The pod's container goes first; the VM stays for the sandbox.
+    ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", "app1"]);
+    wait_status(&containerd, "app1", "STOPPED");
+    ctr_ok(&containerd, &["task", "delete", "app1"]);
+    ctr_ok(&containerd, &["container", "delete", "app1"]);
+    assert_eq!(processes_named("husk-vmm").len(), 1, "the pod's VM stays");
+    boot_id(&containerd, "pod1", "b3");
+
+    ctr_ok(&containerd, &["task", "kill", "-s", "SIGKILL", "pod1"]);
+    wait_status(&containerd, "pod1", "STOPPED");
+    ctr_ok(&containerd, &["task", "delete", "pod1"]);
+    ctr_ok(&containerd, &["container", "delete", "pod1"]);
     containerd.assert_clean();
 }
