@@ -1,11 +1,23 @@
 //! Pods: which microVM a container belongs to, from containerd's CRI annotations.
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder, Spec,
+};
+
+use crate::error::ShimError;
 
 /// `sandbox` for a pod's sandbox (pause) container, `container` for its other containers.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// The pod's sandbox ID, on every container of the pod.
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The pod's CPU period (µs) on the sandbox container (containerd 1.7+, from kubelet's pod
+/// resources).
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// The pod's CPU quota (µs per period; 0 or absent: no limit).
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The pod's memory limit in bytes (0 or absent: no limit).
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 /// A container's place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +50,49 @@ pub fn grouping(spec: &Spec, id: &str) -> String {
         Role::Container { sandbox_id } => sandbox_id,
         Role::Sandbox | Role::Standalone => id.to_owned(),
     }
+}
+
+/// The pod's resources from the sandbox annotations, when containerd passes them (1.7+):
+/// a CPU quota and period and a memory limit, sized like a container's `linux.resources`.
+/// `None` when none is set; a value that is not a number is an error naming the annotation.
+pub fn sandbox_resources(spec: &Spec) -> Result<Option<LinuxResources>, ShimError> {
+    let annotations = spec.annotations().as_ref();
+    let number = |key: &'static str| -> Result<Option<i64>, ShimError> {
+        annotations
+            .and_then(|a| a.get(key))
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|e| ShimError::InvalidArgument(format!("annotation {key}={v:?}: {e}")))
+            })
+            .transpose()
+    };
+    let quota = number(SANDBOX_CPU_QUOTA)?.filter(|q| *q > 0);
+    let period = number(SANDBOX_CPU_PERIOD)?
+        .filter(|p| *p > 0)
+        .and_then(|p| u64::try_from(p).ok());
+    let memory = number(SANDBOX_MEMORY)?.filter(|m| *m > 0);
+    if quota.is_none() && memory.is_none() {
+        return Ok(None);
+    }
+    let invalid = |e: oci_spec::OciSpecError| ShimError::InvalidArgument(e.to_string());
+    let mut builder = LinuxResourcesBuilder::default();
+    if let Some(quota) = quota {
+        let mut cpu = LinuxCpuBuilder::default().quota(quota);
+        if let Some(period) = period {
+            cpu = cpu.period(period);
+        }
+        builder = builder.cpu(cpu.build().map_err(invalid)?);
+    }
+    if let Some(memory) = memory {
+        builder = builder.memory(
+            LinuxMemoryBuilder::default()
+                .limit(memory)
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+    builder.build().map(Some).map_err(invalid)
 }
 
 #[cfg(test)]
@@ -74,6 +129,32 @@ mod tests {
             role(&spec(&[(CONTAINER_TYPE, "container")])),
             Role::Standalone
         );
+    }
+
+    #[test]
+    fn pod_resources_from_sandbox_annotations() {
+        assert!(sandbox_resources(&spec(&[])).unwrap().is_none());
+        let unlimited = spec(&[(SANDBOX_CPU_QUOTA, "0"), (SANDBOX_MEMORY, "0")]);
+        assert!(sandbox_resources(&unlimited).unwrap().is_none());
+        let limited = spec(&[
+            (SANDBOX_CPU_PERIOD, "100000"),
+            (SANDBOX_CPU_QUOTA, "250000"),
+            (SANDBOX_MEMORY, "536870912"),
+        ]);
+        let resources = sandbox_resources(&limited).unwrap().unwrap();
+        let cpu = resources.cpu().as_ref().unwrap();
+        assert_eq!(cpu.quota(), Some(250000));
+        assert_eq!(cpu.period(), Some(100000));
+        assert_eq!(
+            resources.memory().as_ref().unwrap().limit(),
+            Some(536870912)
+        );
+    }
+
+    #[test]
+    fn bad_sandbox_annotations_are_named() {
+        let err = sandbox_resources(&spec(&[(SANDBOX_MEMORY, "lots")])).unwrap_err();
+        assert!(err.to_string().contains(SANDBOX_MEMORY), "{err}");
     }
 
     #[test]

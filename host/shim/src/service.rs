@@ -208,7 +208,13 @@ impl Service {
                 )))
             }
             (None, _) => {
-                let resources = bundle.spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+                let pod_resources = match role {
+                    pod::Role::Sandbox => pod::sandbox_resources(&bundle.spec)?,
+                    _ => None,
+                };
+                let resources = pod_resources.as_ref().or_else(|| {
+                    bundle.spec.linux().as_ref().and_then(|l| l.resources().as_ref())
+                });
                 let size = sizing::vm_size(resources, &config)?;
                 let hostname = bundle.spec.hostname().clone().unwrap_or_default();
                 let vm = Vm::boot(BootSpec {
