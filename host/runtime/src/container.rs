@@ -116,7 +116,7 @@ pub fn create(cli: &Cli, request: &CreateRequest<'_>) -> Result<Created, Command
     let mut child = match result {
         Ok(child) => child,
         Err(err) => {
-            discard(lock, &prepared.paths, None);
+            discard(lock, &prepared, None);
             return Err(err);
         }
     };
@@ -140,7 +140,7 @@ pub fn create(cli: &Cli, request: &CreateRequest<'_>) -> Result<Created, Command
         }),
         Err(err) => {
             let start = store::process_start_time(pid);
-            discard(lock, &prepared.paths, Some((pid, start)));
+            discard(lock, &prepared, Some((pid, start)));
             let _ = child.wait();
             if let Some(pid_file) = request.pid_file {
                 let _ = std::fs::remove_file(pid_file);
@@ -153,9 +153,14 @@ pub fn create(cli: &Cli, request: &CreateRequest<'_>) -> Result<Created, Command
 /// Undoes a container: its supervisor and husk-vmm are stopped, its share removed, then its
 /// state directory. If the share cannot be removed the directory is kept (deleting through a
 /// mount that survived would delete the user's files) and the reason is logged.
-pub fn discard(lock: ContainerLock, paths: &SandboxPaths, supervisor: Option<(i32, Option<u64>)>) {
-    if let Err(err) = remove(lock, paths, supervisor) {
+pub fn discard(lock: ContainerLock, prepared: &Prepared, supervisor: Option<(i32, Option<u64>)>) {
+    if let Err(err) = remove(lock, &prepared.paths, supervisor) {
         tracing::error!("{err}");
+    }
+    if let Some(dir) = &prepared.cgroup {
+        if let Err(err) = crate::cgroup::remove(dir) {
+            tracing::warn!("{err}");
+        }
     }
 }
 

@@ -5,12 +5,15 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod console;
 pub mod container;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod host;
 pub mod id;

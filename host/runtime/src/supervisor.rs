@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::agent::{self, AgentError};
 use crate::bundle::{self, Bundle, BundleError};
+use crate::cgroup::{self, CgroupError};
 use crate::cli::Cli;
 use crate::config::{self, Config, ConfigError, Discovery};
 use crate::console::ConsoleError;
@@ -68,6 +69,8 @@ pub enum SupervisorError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     /// A terminal was asked for without a way to hand it over.
     #[error("process.terminal is true but no --console-socket was given: the terminal has nowhere to go")]
     TerminalWithoutSocket,
@@ -114,7 +117,8 @@ impl SupervisorError {
             SupervisorError::Bundle(_)
             | SupervisorError::Sizing(_)
             | SupervisorError::TerminalWithoutSocket
-            | SupervisorError::SocketWithoutTerminal => exit::BUNDLE,
+            | SupervisorError::SocketWithoutTerminal
+            | SupervisorError::Cgroup(CgroupError::Invalid { .. }) => exit::BUNDLE,
             SupervisorError::Share(
                 ShareError::NoSource { .. }
                 | ShareError::BadSource { .. }
@@ -144,6 +148,8 @@ pub struct Prepared {
     pub size: VmSize,
     pub plan: SharePlan,
     pub paths: SandboxPaths,
+    /// The host cgroup named by `linux.cgroupsPath`, if any (see `crate::cgroup`).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Prepared {
@@ -177,12 +183,14 @@ impl Prepared {
         let size = sizing::vm_size(resources, &config)?;
         let plan = share::plan(&bundle, id)?;
         let paths = SandboxPaths::new(&Store::new(cli.root()), &config, id)?;
+        let cgroup = host_cgroup(&bundle.spec, cli.systemd_cgroup)?;
         Ok(Self {
             config,
             bundle,
             size,
             plan,
             paths,
+            cgroup,
         })
     }
 
@@ -195,6 +203,24 @@ impl Prepared {
             .and_then(|p| p.terminal())
             .unwrap_or(false)
     }
+}
+
+/// The host cgroup `spec` names (`linux.cgroupsPath`), if any.
+pub fn host_cgroup(
+    spec: &oci_spec::runtime::Spec,
+    systemd: bool,
+) -> Result<Option<PathBuf>, CgroupError> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|path| {
+            cgroup::resolve(
+                Path::new(cgroup::CGROUP_ROOT),
+                &path.to_string_lossy(),
+                systemd,
+            )
+        })
+        .transpose()
 }
 
 /// How `create` starts the supervisor.
@@ -501,6 +527,11 @@ async fn set_up(
     sandbox: &mut Sandbox,
 ) -> Result<(AgentClient, HostStdio), SupervisorError> {
     let paths = &prepared.paths;
+    if let Some(dir) = &prepared.cgroup {
+        // husk-vmm, started below, inherits it.
+        cgroup::enter(dir)?;
+        tracing::debug!("{id}: in cgroup {}", dir.display());
+    }
     share::create_share(&paths.shared, &HostMounter)?;
     share::bind_all(&paths.shared, &prepared.plan, &HostMounter)?;
     if let Some(dir) = paths.console.parent() {

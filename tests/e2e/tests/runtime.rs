@@ -392,7 +392,11 @@ fn lifecycle_create_start_stop_delete() {
 fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     let husk = Husk::new("running");
     let script = "trap 'echo got TERM' TERM; echo ready; while true; do sleep 1; done";
-    let bundle = husk.bundle("b", &["sh", "-c", script], |_| {});
+    let cgroup = format!("/husk-e2e-{}", std::process::id());
+    let cgroup_in_spec = cgroup.clone();
+    let bundle = husk.bundle("b", &["sh", "-c", script], move |spec| {
+        spec["linux"]["cgroupsPath"] = json!(cgroup_in_spec);
+    });
     let (out, stdout_path) = husk.detached(
         "create",
         &["create", "--bundle", bundle.to_str().unwrap(), "c1"],
@@ -401,6 +405,11 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     let out = husk.run(&["start", "c1"]);
     assert!(out.status.success(), "start: {}", husk.explain(&out));
     wait_for_text(&stdout_path, "ready", BOOT);
+
+    // The supervisor (and husk-vmm) are in the host cgroup the spec names.
+    let pid = husk.state("c1")["pid"].as_i64().expect("pid");
+    let cgroup_of = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of pid");
+    assert_eq!(cgroup_of.trim(), format!("0::{cgroup}"));
 
     // exec: output, stdin, exit status.
     let out = husk.run(&[
@@ -473,6 +482,12 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
         "kill of a stopped container must fail"
     );
     assert!(husk.run(&["delete", "c1"]).status.success());
+    let cgroup_dir = Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'));
+    assert!(
+        !cgroup_dir.exists(),
+        "delete removes {}",
+        cgroup_dir.display()
+    );
     husk.assert_clean();
 }
 
@@ -766,6 +781,8 @@ fn podman_runs_containers_with_husk() {
     let storage = husk.dir.path().join("storage");
     let runroot = husk.dir.path().join("runroot");
     let config_flag = format!("config={}", husk.dir.path().join("husk.toml").display());
+    // husk's log is the test's (shown by husk.explain on failure).
+    let log_flag = format!("log={}", husk.dir.path().join("husk.log").display());
     // podman runs `husk delete` from its cleanup process (started by conmon) without the
     // --runtime-flag options, so the state must be under the default root, /run/husk.
     let default_root = Path::new("/run/husk");
@@ -784,7 +801,8 @@ fn podman_runs_containers_with_husk() {
             .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
             .args(["--events-backend", "file", "--runtime"])
             .arg(target_bin("husk"))
-            .args(["--runtime-flag", &config_flag])
+            .args(["--runtime-flag", &config_flag, "--runtime-flag", &log_flag])
+            .args(["--runtime-flag", "debug"])
             .args(args)
             .stdin(Stdio::null());
         cmd

@@ -49,6 +49,15 @@ pub fn delete(cli: &Cli, container: Locked, force: bool) -> Result<(), CommandEr
     state.set_status(ContainerState::Stopped);
     let supervisor = container.supervisor();
     container::remove(container.lock, &paths, supervisor)?;
+    // The supervisor and husk-vmm are gone: their cgroup can go too.
+    let cgroup = spec
+        .as_ref()
+        .map(|s| crate::supervisor::host_cgroup(s, cli.systemd_cgroup));
+    if let Some(Ok(Some(dir))) = cgroup {
+        if let Err(err) = crate::cgroup::remove(&dir) {
+            tracing::warn!("{err}");
+        }
+    }
     let state_json = serde_json::to_vec(&state).unwrap_or_default();
     hooks::run_hooks(
         HookKind::Poststop,
