@@ -12,8 +12,6 @@ pub mod config;
 pub mod console;
 pub mod container;
 pub mod exit;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod hooks;
 pub mod host;
 pub mod id;
