@@ -13,14 +13,21 @@ use ttrpc::r#async::transport::Socket;
 use crate::agent::{
     CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
     DestroySandboxRequest, ExecProcessRequest, GetGuestDetailsRequest, GetOOMEventRequest,
-    GuestDetails, ProcessRequest, ReadStreamRequest, SignalProcessRequest, StatsContainerResponse,
-    TtyWinResizeRequest, UpdateContainerRequest, WriteStdinRequest,
+    GuestDetails, OOMEvent, ProcessRequest, ReadStreamRequest, ReadStreamResponse,
+    SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    WaitProcessResponse, WriteStdinRequest,
 };
 use crate::validate::{check_size, validate_id, ValidationError};
 use crate::{agent_ttrpc, API_VERSION, API_VERSION_METADATA_KEY, MAX_IO_CHUNK, MAX_SPEC_SIZE};
 
 /// How long a control request (create, start, signal, ...) may take before the client gives up.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest error message of the agent kept in a [`ClientError::Rpc`]; the rest is cut off.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// The largest signal number Linux has (`SIGRTMAX`).
+const MAX_SIGNAL: i32 = 64;
 
 /// Errors of the host-side client.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +69,14 @@ pub enum ClientError {
     /// The request was refused locally before being sent.
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    /// The agent's answer breaks the API contract (a hostile or broken guest).
+    #[error("agent answered {method} with an invalid response: {reason}")]
+    BadResponse {
+        /// The RPC.
+        method: &'static str,
+        /// What is wrong with the answer.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -91,18 +106,107 @@ pub struct AgentClient {
     agent_version: String,
 }
 
-fn map_err(method: &'static str, err: ttrpc::Error) -> ClientError {
+pub(crate) fn map_err(method: &'static str, err: ttrpc::Error) -> ClientError {
     match err {
         ttrpc::Error::RpcStatus(status) => ClientError::Rpc {
             method,
             code: status.code(),
-            message: status.message().to_owned(),
+            message: truncate(status.message(), MAX_STATUS_MESSAGE).to_owned(),
         },
         other => ClientError::Transport {
             method,
             reason: other.to_string(),
         },
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+fn bad_response(method: &'static str, reason: String) -> ClientError {
+    ClientError::BadResponse { method, reason }
+}
+
+/// Checks the agent's `Check` answer: the API version must be ours. Returns the agent's release.
+pub(crate) fn check_version(resp: CheckResponse) -> Result<String, ClientError> {
+    if resp.api_version != API_VERSION {
+        return Err(ClientError::VersionMismatch {
+            client: API_VERSION,
+            agent: resp.api_version,
+        });
+    }
+    Ok(resp.agent_version)
+}
+
+/// Checks a `WaitProcess` answer: a signal that can end a process (the runtime re-raises it on
+/// itself) with the exit code the agent derives from it (`128 + signal`), or an exit status of
+/// 0..=255 when no signal killed the process.
+pub(crate) fn check_exit(resp: &WaitProcessResponse) -> Result<ExitStatus, ClientError> {
+    let (code, signal) = (resp.exit_code, resp.signal);
+    let valid = match signal {
+        0 => (0..=255).contains(&code),
+        // Stop, continue and default-ignored signals never end a process.
+        17..=23 | 28 => false,
+        1..=MAX_SIGNAL => Some(code) == signal.checked_add(128),
+        _ => false,
+    };
+    if !valid {
+        return Err(bad_response(
+            "WaitProcess",
+            format!("exit code {code} with signal {signal}"),
+        ));
+    }
+    Ok(ExitStatus { code, signal })
+}
+
+/// Checks a `WriteStdin` answer: no more bytes written than were sent.
+pub(crate) fn check_written(written: u32, sent: usize) -> Result<usize, ClientError> {
+    match usize::try_from(written) {
+        Ok(n) if n <= sent => Ok(n),
+        _ => Err(bad_response(
+            "WriteStdin",
+            format!("{written} bytes written of {sent}"),
+        )),
+    }
+}
+
+/// Checks a `ReadStdout`/`ReadStderr` answer: no more data than asked for (`max_len`, itself
+/// capped at [`MAX_IO_CHUNK`]; 0 asks for up to [`MAX_IO_CHUNK`]). `None` at end of file.
+pub(crate) fn check_read(
+    method: &'static str,
+    resp: ReadStreamResponse,
+    max_len: usize,
+) -> Result<Option<Vec<u8>>, ClientError> {
+    if resp.eof {
+        return Ok(None);
+    }
+    let max = match max_len {
+        0 => MAX_IO_CHUNK,
+        n => n.min(MAX_IO_CHUNK),
+    };
+    if resp.data.len() > max {
+        return Err(bad_response(
+            method,
+            format!(
+                "{} bytes of output when at most {max} were asked for",
+                resp.data.len()
+            ),
+        ));
+    }
+    Ok(Some(resp.data))
+}
+
+/// Checks a `GetOOMEvent` answer: the container id must be a valid id.
+pub(crate) fn check_oom(resp: OOMEvent) -> Result<String, ClientError> {
+    validate_id("container id", &resp.container_id)
+        .map_err(|err| bad_response("GetOOMEvent", err.to_string()))?;
+    Ok(resp.container_id)
 }
 
 fn process_request(container_id: &str, exec_id: &str) -> Result<ProcessRequest, ClientError> {
@@ -150,14 +254,7 @@ impl AgentClient {
             timeout: DEFAULT_REQUEST_TIMEOUT,
             agent_version: String::new(),
         };
-        let resp = this.check().await?;
-        if resp.api_version != API_VERSION {
-            return Err(ClientError::VersionMismatch {
-                client: API_VERSION,
-                agent: resp.api_version,
-            });
-        }
-        this.agent_version = resp.agent_version;
+        this.agent_version = check_version(this.check().await?)?;
         Ok(this)
     }
 
@@ -317,11 +414,8 @@ impl AgentClient {
         self.inner
             .wait_process(self.ctx(None), &req)
             .await
-            .map(|r| ExitStatus {
-                code: r.exit_code,
-                signal: r.signal,
-            })
             .map_err(|e| map_err("WaitProcess", e))
+            .and_then(|r| check_exit(&r))
     }
 
     /// Writes up to [`MAX_IO_CHUNK`] bytes to the process's stdin; returns how many were written.
@@ -344,7 +438,7 @@ impl AgentClient {
             .write_stdin(self.ctx(None), &req)
             .await
             .map_err(|e| map_err("WriteStdin", e))?;
-        Ok(resp.written as usize)
+        check_written(resp.written, data.len())
     }
 
     /// Writes all of `data` to stdin, in chunks.
@@ -392,21 +486,14 @@ impl AgentClient {
             max_len: u32::try_from(max_len.min(MAX_IO_CHUNK)).unwrap_or(0),
             ..Default::default()
         };
+        let method = if stderr { "ReadStderr" } else { "ReadStdout" };
         let resp = if stderr {
-            self.inner
-                .read_stderr(self.ctx(None), &req)
-                .await
-                .map_err(|e| map_err("ReadStderr", e))?
+            self.inner.read_stderr(self.ctx(None), &req).await
         } else {
-            self.inner
-                .read_stdout(self.ctx(None), &req)
-                .await
-                .map_err(|e| map_err("ReadStdout", e))?
-        };
-        if resp.eof {
-            return Ok(None);
+            self.inner.read_stdout(self.ctx(None), &req).await
         }
-        Ok(Some(resp.data))
+        .map_err(|e| map_err(method, e))?;
+        check_read(method, resp, max_len)
     }
 
     /// Reads the next chunk of stdout (at most `max_len` bytes); `None` at end of file.
@@ -543,7 +630,7 @@ impl AgentClient {
         self.inner
             .get_oom_event(self.ctx(None), &GetOOMEventRequest::default())
             .await
-            .map(|r| r.container_id)
             .map_err(|e| map_err("GetOOMEvent", e))
+            .and_then(check_oom)
     }
 }

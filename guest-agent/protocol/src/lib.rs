@@ -6,6 +6,8 @@
 //! documented in `docs/agent-api.md`.
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod validate;
 
 /// Generated protobuf messages (`proto/agent.proto`).
