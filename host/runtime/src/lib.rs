@@ -12,6 +12,8 @@ pub mod config;
 pub mod console;
 pub mod container;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod host;
 pub mod id;

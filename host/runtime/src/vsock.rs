@@ -107,7 +107,7 @@ fn attempt(uds: &Path, port: u32, left: Duration) -> Attempt {
 
 /// Reads up to and including `\n`, one byte at a time, at most [`MAX_REPLY`] bytes. `None` on
 /// end of stream before any byte.
-fn read_line(stream: &mut impl Read) -> io::Result<Option<String>> {
+pub(crate) fn read_line(stream: &mut impl Read) -> io::Result<Option<String>> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < MAX_REPLY {
@@ -124,7 +124,7 @@ fn read_line(stream: &mut impl Read) -> io::Result<Option<String>> {
 }
 
 /// The host port of an `OK <port>` reply.
-fn parse_ok(reply: &str) -> Option<u32> {
+pub(crate) fn parse_ok(reply: &str) -> Option<u32> {
     reply.strip_prefix("OK ")?.parse().ok()
 }
 
