@@ -658,12 +658,20 @@ fn spawn_vmm(
 
 /// The last [`LOG_TAIL`] bytes of a log file, on one line.
 fn log_tail(path: &Path) -> String {
-    let Ok(bytes) = fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    // Only the tail is read: the log can be large (guest-triggered warnings end up in it).
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)))?;
+        let mut bytes = Vec::new();
+        file.take(LOG_TAIL).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let Ok(bytes) = read() else {
         return "(unreadable)".to_owned();
     };
-    let start = bytes.len().saturating_sub(LOG_TAIL as usize);
-    let tail = String::from_utf8_lossy(bytes.get(start..).unwrap_or_default());
-    tail.trim().replace('\n', " | ")
+    String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
 }
 
 /// Relays stdio and waits for the container's process, a termination signal, or husk-vmm's end.
@@ -818,5 +826,10 @@ mod tests {
         fs::write(&log, "a\nb\n").unwrap();
         assert_eq!(log_tail(&log), "a | b");
         assert_eq!(log_tail(&dir.path().join("none")), "(unreadable)");
+        let big = "x".repeat(3 * LOG_TAIL as usize) + "\nlast";
+        fs::write(&log, &big).unwrap();
+        let tail = log_tail(&log);
+        assert_eq!(tail.len(), LOG_TAIL as usize + 2, "{tail}");
+        assert!(tail.ends_with("x | last"));
     }
 }
