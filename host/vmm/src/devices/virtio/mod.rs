@@ -184,6 +184,40 @@ pub enum ChainError {
     TooManyDescriptors(usize),
 }
 
+/// Serves every available chain of `queue`: each is checked with [`collect_chain`] and handed
+/// to `serve`, which returns the bytes it wrote; a bad chain is completed with 0 and a
+/// rate-limited warning naming `device`. The guest is signalled once if any chain was used and
+/// it asked to be notified.
+pub(crate) fn drain_queue(
+    device: &str,
+    mem: &GuestMem,
+    queue: &mut Queue,
+    interrupt: &Interrupt,
+    (max_total, max_descs): (u64, usize),
+    mut serve: impl FnMut(&[Desc]) -> u32,
+) -> Result<(), DeviceError> {
+    use virtio_queue::QueueT;
+    let mut used_any = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let used = match collect_chain(chain, max_total, max_descs) {
+            Ok(descs) => serve(&descs),
+            Err(e) => {
+                crate::guest_warn!("{device}: bad descriptor chain: {e}");
+                0
+            }
+        };
+        queue
+            .add_used(mem, head, used)
+            .map_err(DeviceError::Queue)?;
+        used_any = true;
+    }
+    if used_any && queue.needs_notification(mem).map_err(DeviceError::Queue)? {
+        interrupt.signal_used();
+    }
+    Ok(())
+}
+
 /// Walks `chain` (loops and indirect tables are bounded by virtio-queue's iterator) and checks
 /// every buffer: inside guest memory, readable ones first, total length and count bounded.
 pub fn collect_chain<M>(

@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::{
-    collect_chain, ActivateContext, DescBuf, DeviceError, Interrupt, VirtioDevice, TYPE_BLOCK,
+    drain_queue, ActivateContext, DescBuf, DeviceError, Interrupt, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
@@ -363,32 +363,16 @@ impl VirtioDevice for Block {
 
 impl Block {
     fn drain(&mut self, active: &mut Active) -> Result<(), DeviceError> {
-        let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let max_total = MAX_REQUEST_BYTES + HEADER_LEN + 1;
-            let used = match collect_chain(chain, max_total, usize::from(QUEUE_SIZE)) {
-                Ok(descs) => self.handle_chain(&active.mem, &descs),
-                Err(e) => {
-                    crate::guest_warn!("virtio-blk: bad descriptor chain: {e}");
-                    0
-                }
-            };
-            active
-                .queue
-                .add_used(&active.mem, head, used)
-                .map_err(DeviceError::Queue)?;
-            used_any = true;
-        }
-        if used_any
-            && active
-                .queue
-                .needs_notification(&active.mem)
-                .map_err(DeviceError::Queue)?
-        {
-            active.interrupt.signal_used();
-        }
-        Ok(())
+        let limits = (MAX_REQUEST_BYTES + HEADER_LEN + 1, usize::from(QUEUE_SIZE));
+        let mem = &active.mem;
+        drain_queue(
+            "virtio-blk",
+            mem,
+            &mut active.queue,
+            &active.interrupt,
+            limits,
+            |descs| self.handle_chain(mem, descs),
+        )
     }
 }
 

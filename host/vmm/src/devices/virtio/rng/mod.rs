@@ -5,13 +5,13 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 #[cfg(test)]
 use vm_memory::GuestAddress;
 
 use super::{
-    collect_chain, ActivateContext, DeviceError, Interrupt, VirtioDevice, TYPE_RNG,
+    drain_queue, ActivateContext, DeviceError, Interrupt, VirtioDevice, TYPE_RNG,
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
@@ -112,31 +112,16 @@ impl VirtioDevice for Rng {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
-        let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let len = match collect_chain(chain, u64::from(u32::MAX), usize::from(QUEUE_SIZE)) {
-                Ok(descs) => Self::fill_chain(&mut self.source, &mut self.buf, &active.mem, &descs),
-                Err(e) => {
-                    crate::guest_warn!("virtio-rng: bad descriptor chain: {e}");
-                    0
-                }
-            };
-            active
-                .queue
-                .add_used(&active.mem, head, len)
-                .map_err(DeviceError::Queue)?;
-            used_any = true;
-        }
-        if used_any
-            && active
-                .queue
-                .needs_notification(&active.mem)
-                .map_err(DeviceError::Queue)?
-        {
-            active.interrupt.signal_used();
-        }
-        Ok(())
+        let (source, buf) = (&mut self.source, &mut self.buf);
+        let mem = &active.mem;
+        drain_queue(
+            "virtio-rng",
+            mem,
+            &mut active.queue,
+            &active.interrupt,
+            (u64::from(u32::MAX), usize::from(QUEUE_SIZE)),
+            |descs| Self::fill_chain(source, buf, mem, descs),
+        )
     }
 }
 
