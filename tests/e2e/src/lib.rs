@@ -218,7 +218,11 @@ impl std::error::Error for WaitError {}
 /// Output captured from a [`Watched`] process.
 #[derive(Debug, Default)]
 struct Captured {
+    /// Both streams, interleaved in the order the reader threads happened to take them (for
+    /// showing; the relative order of stdout and stderr is not reliable).
     bytes: Vec<u8>,
+    /// Each stream on its own (stdout, stderr): markers are searched here, where order holds.
+    streams: [Vec<u8>; 2],
     open_streams: usize,
 }
 
@@ -287,20 +291,24 @@ impl Watched {
         String::from_utf8_lossy(&self.shared.lock().bytes).into_owned()
     }
 
-    /// Waits until `marker` appears in the output, for at most `timeout`; returns how long it
-    /// took.
+    /// Waits until `marker` appears in stdout or in stderr (searched separately, since how the
+    /// two interleave is not reliable), for at most `timeout`; returns how long it took.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, WaitError> {
         let start = Instant::now();
         let what = format!("{:?} from {}", marker, self.name);
         let needle = marker.as_bytes();
         let mut captured = self.shared.lock();
         loop {
-            if contains(&captured.bytes, needle) {
+            if captured.streams.iter().any(|s| contains(s, needle)) {
                 return Ok(start.elapsed());
             }
             if captured.open_streams == 0 {
                 drop(captured);
-                let status = self.try_status();
+                // The pipes close a moment before the process becomes reapable; give it a
+                // bounded while to finish exiting (one that closed its output and went on
+                // running is reported without a status).
+                let left = timeout.saturating_sub(start.elapsed());
+                let status = self.poll_status(left.min(Duration::from_secs(10)));
                 return Err(WaitError::Exited {
                     what,
                     status,
@@ -399,6 +407,20 @@ impl Watched {
         }
     }
 
+    fn poll_status(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_status() {
+                return Some(status);
+            }
+            let waited = start.elapsed();
+            if waited >= patience {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10).min(patience - waited));
+        }
+    }
+
     fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             match self.child.try_wait() {
@@ -431,6 +453,16 @@ enum Stream {
     Err(ChildStderr),
 }
 
+impl Stream {
+    /// Index of the stream's own buffer in [`Captured::streams`].
+    fn index(&self) -> usize {
+        match self {
+            Stream::Out(_) => 0,
+            Stream::Err(_) => 1,
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -459,7 +491,13 @@ fn start_reader(name: &str, mut stream: Stream, shared: &Arc<Shared>) -> JoinHan
             };
             let chunk = &buf[..n.min(buf.len())];
             echo.feed(chunk);
-            shared.lock().bytes.extend_from_slice(chunk);
+            {
+                let mut captured = shared.lock();
+                captured.bytes.extend_from_slice(chunk);
+                if let Some(own) = captured.streams.get_mut(stream.index()) {
+                    own.extend_from_slice(chunk);
+                }
+            }
             shared.changed.notify_all();
         }
         echo.finish();
@@ -523,7 +561,7 @@ mod tests {
 
     #[test]
     fn wait_for_finds_a_marker_split_across_writes_and_streams_are_both_captured() {
-        let mut p = Watched::spawn("sh", &mut sh("printf 'boot: husk-'; sleep 0.2; printf 'agent: started\\n'; echo oops >&2; sleep 30"));
+        let mut p = Watched::spawn("sh", &mut sh("printf 'boot: husk-'; echo oops >&2; sleep 0.2; printf 'agent: started\\n'; sleep 30"));
 
         let found = p.wait_for("husk-agent: started", Duration::from_secs(20));
         let err = p.wait_for("oops", Duration::from_secs(20));
@@ -542,6 +580,20 @@ mod tests {
             Err(WaitError::Exited { status, output, .. }) => {
                 assert_eq!(status.and_then(|s| s.code()), Some(3));
                 assert!(output.contains("partial"), "output: {output}");
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_for_reports_the_status_of_a_process_that_exits_after_closing_its_output() {
+        let mut p = Watched::spawn("sh", &mut sh("echo bye; exec >&- 2>&-; sleep 0.5; exit 5"));
+
+        let result = p.wait_for("never", Duration::from_secs(20));
+
+        match result {
+            Err(WaitError::Exited { status, .. }) => {
+                assert_eq!(status.and_then(|s| s.code()), Some(5));
             }
             other => panic!("expected Exited, got {other:?}"),
         }
