@@ -25,6 +25,9 @@
 //! The helpers panic on failure (they are for tests); their messages carry what is needed to
 //! understand the failure (captured output, paths, the command to run).
 
+pub mod containerd;
+pub mod cri;
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -178,6 +181,9 @@ pub enum WaitError {
         waited: Duration,
         /// The process's output (stdout and stderr interleaved as read), lossily decoded.
         output: String,
+        /// Where each of the process's threads was when the wait gave up (for a process that
+        /// hangs, e.g. a vCPU thread that no longer comes back from `KVM_RUN`).
+        threads: String,
     },
     /// The process closed its output (it exited) before the marker appeared.
     Exited {
@@ -197,9 +203,10 @@ impl fmt::Display for WaitError {
                 what,
                 waited,
                 output,
+                threads,
             } => write!(
                 f,
-                "timed out after {waited:?} waiting for {what}; output so far:\n{output}"
+                "timed out after {waited:?} waiting for {what}; its threads:\n{threads}\noutput so far:\n{output}"
             ),
             WaitError::Exited {
                 what,
@@ -322,6 +329,7 @@ impl Watched {
                     what,
                     waited,
                     output: self.output(),
+                    threads: thread_report(self.child.id()),
                 });
             };
             captured = self
@@ -357,6 +365,7 @@ impl Watched {
                     what: format!("{} to exit", self.name),
                     waited,
                     output: self.output(),
+                    threads: thread_report(self.child.id()),
                 });
             }
             std::thread::sleep(Duration::from_millis(20).min(timeout - waited));
@@ -544,6 +553,36 @@ impl LineEcho {
     }
 }
 
+/// One line per thread of process `pid`: its name, state, the kernel function it sleeps in and,
+/// when readable (root), its kernel stack. Best effort: what cannot be read is left out.
+pub fn thread_report(pid: u32) -> String {
+    let mut report = String::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("  (no /proc/{pid}/task: the process is gone)\n");
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let comm = read("comm");
+        let state = read("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let wchan = read("wchan");
+        report.push_str(&format!(
+            "  tid {} {:?} {state} wchan={wchan}\n",
+            task.file_name().to_string_lossy(),
+            comm.trim(),
+        ));
+        for frame in read("stack").lines().take(12) {
+            report.push_str(&format!("      {frame}\n"));
+        }
+    }
+    report
+}
+
 /// Whether `haystack` contains `needle` (an empty needle is always found).
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
@@ -610,6 +649,11 @@ mod tests {
         assert!(
             matches!(result, Err(WaitError::Timeout { .. })),
             "{result:?}"
+        );
+        let message = result.map_or_else(|e| e.to_string(), |_| String::new());
+        assert!(
+            message.contains(&format!("tid {pid} ")) && message.contains("wchan="),
+            "the report shows where the hung thread is: {message}"
         );
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
