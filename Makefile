@@ -9,7 +9,7 @@ AGENT := target/$(MUSL)/release/husk-agent
 all: build
 
 deps-rust:
-	@source scripts/lib.sh && need_pkgs build-essential pkg-config && need_rust_target $(MUSL)
+	@source scripts/lib.sh && need_pkgs build-essential pkg-config protobuf-compiler && need_rust_target $(MUSL)
 
 build: deps-rust
 	$(CARGO) build --workspace

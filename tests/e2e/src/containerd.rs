@@ -1,0 +1,530 @@
+//! A containerd of a test's own: Debian's containerd (1.6) started with its own configuration,
+//! root, state and sockets under a temporary directory, the husk shim and husk-vmm of this
+//! checkout on its `PATH`, and a busybox image built here and imported (no registry, no network).
+//!
+//! ```no_run
+//! use husk_e2e::containerd::{Containerd, Options, HUSK_RUNTIME, IMAGE};
+//!
+//! let containerd = Containerd::start(); // or Containerd::start_with(Options { cri: true })
+//! let out = containerd.ctr(&["run", "--rm", "--runtime", HUSK_RUNTIME, IMAGE, "id1", "true"]);
+//! assert!(out.status.success());
+//! containerd.assert_clean();
+//! ```
+//!
+//! Everything here panics on failure with the details needed (ctr's output, containerd's log).
+
+// Test support: a failed step is a panic that names it.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::{guest_initramfs, guest_kernel, require_program, require_real_kvm, TempDir, Watched};
+
+/// containerd's runtime type for husk (the shim binary `containerd-shim-husk-v2`).
+pub const HUSK_RUNTIME: &str = "io.containerd.husk.v2";
+/// containerd's runtime type for runc (Debian's `runc`, through `containerd-shim-runc-v2`).
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The busybox image every containerd started here has (default command `sh`).
+pub const IMAGE: &str = "docker.io/library/husk-busybox:e2e";
+/// The same layer with `sleep` as its command: the CRI plugin's sandbox ("pause") image.
+pub const PAUSE_IMAGE: &str = "docker.io/library/husk-pause:e2e";
+/// The containerd namespace the CRI plugin uses; both images are imported there too.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The husk shim's program name.
+pub const SHIM: &str = "containerd-shim-husk-v2";
+/// The CRI runtime handler names configured with [`Options::cri`].
+pub const HUSK_HANDLER: &str = "husk";
+/// See [`HUSK_HANDLER`].
+pub const RUNC_HANDLER: &str = "runc";
+/// Applets linked in the image's /bin.
+pub const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "ls", "uname", "hostname", "id", "kill", "ps",
+    "test", "mkdir", "touch",
+];
+
+/// The directory holding the workspace's binaries (the test binary is in its `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf()
+}
+
+/// The SHA-256 of a file, in hex.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// Writes `file` into the OCI layout's blobs; returns (digest, size).
+pub fn add_blob(layout: &Path, file: &Path) -> (String, u64) {
+    let digest = sha256(file);
+    let size = fs::metadata(file).unwrap().len();
+    let dir = layout.join("blobs/sha256");
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(file, dir.join(&digest)).unwrap();
+    (format!("sha256:{digest}"), size)
+}
+
+/// Adds an image manifest (config with `cmd`, the one layer) to the layout; returns its index
+/// entry, named `name`.
+fn add_manifest(
+    layout: &Path,
+    dir: &Path,
+    name: &str,
+    cmd: &[&str],
+    layer: (&str, u64),
+) -> serde_json::Value {
+    let tag = name.rsplit(':').next().unwrap_or("latest");
+    let (layer_digest, layer_size) = layer;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let config_file = dir.join("config.json");
+    fs::write(&config_file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let (config_digest, config_size) = add_blob(layout, &config_file);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer_size}],
+    });
+    let manifest_file = dir.join("manifest.json");
+    fs::write(&manifest_file, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let (manifest_digest, manifest_size) = add_blob(layout, &manifest_file);
+    serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_digest, "size": manifest_size,
+        "platform": {"architecture": "amd64", "os": "linux"},
+        "annotations": {"io.containerd.image.name": name,
+                        "org.opencontainers.image.ref.name": tag},
+    })
+}
+
+/// An OCI image tarball with /bin/busybox (Debian's busybox-static) and applet links, holding
+/// two images of that one layer: [`IMAGE`] (command `sh`) and [`PAUSE_IMAGE`] (a long `sleep`).
+pub fn build_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("image-rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy /bin/busybox");
+    for applet in APPLETS {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+    let layer = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of the image layer failed");
+
+    let layout = dir.join("oci");
+    fs::create_dir_all(&layout).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let (layer_digest, layer_size) = add_blob(&layout, &layer);
+    let layer = (layer_digest.as_str(), layer_size);
+    let manifests = [
+        add_manifest(&layout, dir, IMAGE, &["sh"], layer),
+        add_manifest(&layout, dir, PAUSE_IMAGE, &["sleep", "2147483647"], layer),
+    ];
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let tarball = dir.join("image.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tarball)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of the OCI layout failed");
+    tarball
+}
+
+/// Mount points (from /proc/self/mountinfo) under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// PIDs of processes whose program (argv[0]'s file name) is `program`.
+pub fn processes_named(program: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let name = Path::new(std::str::from_utf8(argv0).unwrap_or_default()).file_name();
+        if name.is_some_and(|n| n == program) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The entries of a directory (none when it does not exist).
+pub fn entries(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// A command's status and output, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// How [`Containerd::start_with`] configures containerd.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Enables the CRI plugin (off: `disabled_plugins = ["io.containerd.grpc.v1.cri"]`), serving
+    /// on containerd's socket, with runtime handlers [`HUSK_HANDLER`] ([`HUSK_RUNTIME`]) and
+    /// [`RUNC_HANDLER`] ([`RUNC_RUNTIME`]), the sandbox image [`PAUSE_IMAGE`] (imported, never
+    /// pulled), and CNI directories of its own that are empty (pods use the node's network).
+    pub cri: bool,
+}
+
+/// A containerd of the test's own, with the husk shim on its PATH and the busybox images
+/// imported (in the `default` namespace, and in [`CRI_NAMESPACE`] with [`Options::cri`]).
+/// Dropping it stops containerd and kills whatever shim or husk-vmm is left, and detaches mounts
+/// under its directory.
+#[derive(Debug)]
+pub struct Containerd {
+    dir: TempDir,
+    socket: PathBuf,
+    shim_root: PathBuf,
+    console_dir: PathBuf,
+    options: Options,
+    daemon: Option<Watched>,
+}
+
+impl Containerd {
+    /// Starts containerd with the CRI plugin off.
+    pub fn start() -> Containerd {
+        Containerd::start_with(Options::default())
+    }
+
+    /// Starts containerd configured by `options` and imports the images.
+    pub fn start_with(options: Options) -> Containerd {
+        require_real_kvm();
+        require_program("containerd", "containerd");
+        require_program("ctr", "containerd");
+        assert!(
+            Path::new("/bin/busybox").is_file(),
+            "/bin/busybox missing: apt-get install busybox-static"
+        );
+        let bins = bin_dir();
+        for bin in [SHIM, "husk-vmm"] {
+            assert!(
+                bins.join(bin).is_file(),
+                "{} missing: cargo build --workspace",
+                bins.join(bin).display()
+            );
+        }
+        if options.cri {
+            require_program("runc", "runc");
+        }
+        let dir = TempDir::new(if options.cri { "cri" } else { "shim" });
+        let root = dir.path();
+        let socket = root.join("containerd.sock");
+        let shim_root = root.join("husk");
+        let console_dir = root.join("console");
+        let husk_config = root.join("husk.toml");
+        fs::write(
+            &husk_config,
+            format!(
+                "[guest]\nkernel = {:?}\ninitramfs = {:?}\n[vmm]\npath = {:?}\n[console]\nlog_dir = {:?}\n",
+                guest_kernel(),
+                guest_initramfs(),
+                bins.join("husk-vmm"),
+                console_dir,
+            ),
+        )
+        .unwrap();
+        // Top-level keys first, then the tables.
+        let mut config = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\n",
+            root.join("root"),
+            root.join("state"),
+        );
+        if !options.cri {
+            config.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
+        }
+        config.push_str(&format!(
+            "[grpc]\n  address = {socket:?}\n[ttrpc]\n  address = {:?}\n",
+            root.join("containerd.sock.ttrpc"),
+        ));
+        if options.cri {
+            let cni_bin = root.join("cni/bin");
+            let cni_conf = root.join("cni/conf");
+            fs::create_dir_all(&cni_bin).unwrap();
+            fs::create_dir_all(&cni_conf).unwrap();
+            config.push_str(&format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = {PAUSE_IMAGE:?}
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = {cni_bin:?}
+    conf_dir = {cni_conf:?}
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = {RUNC_HANDLER:?}
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HUSK_HANDLER}]
+      runtime_type = {HUSK_RUNTIME:?}
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNC_HANDLER}]
+      runtime_type = {RUNC_RUNTIME:?}
+"#
+            ));
+        }
+        let config_file = root.join("containerd.toml");
+        fs::write(&config_file, config).unwrap();
+        let path = format!(
+            "{}:{}",
+            bins.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut daemon = Watched::spawn(
+            "containerd",
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config_file)
+                .arg("--log-level")
+                .arg("debug")
+                .env("PATH", &path)
+                .env("HUSK_CONFIG", &husk_config)
+                .env("HUSK_SHIM_ROOT", &shim_root)
+                .env("HUSK_LOG", "info"),
+        );
+        daemon.expect_marker("containerd successfully booted", Duration::from_secs(60));
+        let this = Containerd {
+            dir,
+            socket,
+            shim_root,
+            console_dir,
+            options,
+            daemon: Some(daemon),
+        };
+        let tarball = build_image(this.dir.path());
+        let mut namespaces = vec!["default"];
+        if this.options.cri {
+            namespaces.push(CRI_NAMESPACE);
+        }
+        for namespace in namespaces {
+            let tarball = tarball.to_str().unwrap();
+            this.ctr_ok(&["--namespace", namespace, "image", "import", tarball]);
+            let listed = this.ctr_ok(&["--namespace", namespace, "image", "ls", "-q"]);
+            assert!(
+                listed.contains(IMAGE) && listed.contains(PAUSE_IMAGE),
+                "imported images not listed in namespace {namespace}: {listed}"
+            );
+        }
+        this
+    }
+
+    /// The test's directory (containerd's root and state, husk's shim root, ... are in it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's gRPC socket (also the CRI socket with [`Options::cri`]).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// containerd's root directory.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// containerd's state directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// husk's shim root (`HUSK_SHIM_ROOT`): one directory per sandbox.
+    pub fn shim_root(&self) -> &Path {
+        &self.shim_root
+    }
+
+    /// Where husk-vmm writes the guests' console logs.
+    pub fn console_dir(&self) -> &Path {
+        &self.console_dir
+    }
+
+    /// `ctr --address SOCKET ARGS...` (namespace `default` unless ARGS say otherwise).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// Runs `ctr ARGS` and asserts it succeeded; returns its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let started = Instant::now();
+        let out = self.ctr(args);
+        eprintln!("ctr {args:?}: {:?} in {:?}", out.status, started.elapsed());
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed: {}\ncontainerd log:\n{}",
+            describe(&out),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ctr run --rm --runtime io.containerd.husk.v2 IMAGE ID ARGS...`.
+    pub fn run(&self, id: &str, args: &[&str]) -> Output {
+        let mut all = vec!["run", "--rm", "--runtime", HUSK_RUNTIME, IMAGE, id];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
+    /// The status column of `ctr task ls` for task `id` (`absent` when not listed).
+    pub fn task_status(&self, id: &str) -> String {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("absent")
+            .to_owned()
+    }
+
+    /// Waits (at most 60 s) until task `id`'s status is `want`.
+    pub fn wait_status(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.task_status(id);
+            if status == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} is {status}, not {want}\ncontainerd log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// What husk left that it should not have: shims, husk-vmm processes, sandbox directories,
+    /// console logs, mounts under the shim root. Empty when clean.
+    pub fn husk_leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let mut add = |what: &str, items: Vec<String>| {
+            if !items.is_empty() {
+                left.push(format!("{what} {items:?}"));
+            }
+        };
+        let shown = |paths: Vec<PathBuf>| paths.iter().map(|p| p.display().to_string()).collect();
+        let pids = |pids: Vec<u32>| pids.iter().map(u32::to_string).collect();
+        add("shims", pids(processes_named(SHIM)));
+        add("husk-vmm", pids(processes_named("husk-vmm")));
+        add("sandboxes", shown(entries(&self.shim_root)));
+        add("console logs", shown(entries(&self.console_dir)));
+        add("mounts", mounts_under(&self.shim_root));
+        left
+    }
+
+    /// Waits (at most 20 s: the shim exits after containerd's Shutdown) until
+    /// [`Containerd::husk_leftovers`] is empty; panics naming what is left.
+    pub fn assert_clean(&self) {
+        let started = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = self.husk_leftovers();
+            if left.is_empty() {
+                eprintln!("clean after {:?}", started.elapsed());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: {}\ncontainerd log:\n{}",
+                left.join(", "),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// containerd's output so far (its debug log).
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Watched::output)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.signal(libc::SIGTERM);
+            let _ = daemon.wait_exit(Duration::from_secs(20));
+        }
+        // Whatever a failed test left: shims and VMs killed, mounts detached, so the temporary
+        // directory can go.
+        for pid in processes_named(SHIM)
+            .into_iter()
+            .chain(processes_named("husk-vmm"))
+            .chain(processes_named("containerd-shim-runc-v2"))
+        {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let mut points = mounts_under(self.dir.path());
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in points {
+            let _ = Command::new("umount").args(["-l", &point]).status();
+        }
+    }
+}
