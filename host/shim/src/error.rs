@@ -60,6 +60,9 @@ pub enum ShimError {
         #[source]
         source: io::Error,
     },
+    /// A log URI containerd passed cannot be used, or its logging program failed.
+    #[error(transparent)]
+    Log(#[from] crate::logger::LogError),
     /// Mounting the rootfs containerd prepared failed.
     #[error("cannot mount the rootfs on {path}: {reason}")]
     Rootfs { path: PathBuf, reason: String },
@@ -85,7 +88,8 @@ impl ShimError {
             ShimError::InvalidArgument(_)
             | ShimError::Bundle(_)
             | ShimError::Sizing(_)
-            | ShimError::Sandbox(_) => Code::INVALID_ARGUMENT,
+            | ShimError::Sandbox(_)
+            | ShimError::Log(crate::logger::LogError::BadUri { .. }) => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ShimError::Unsupported(_) => Code::UNIMPLEMENTED,

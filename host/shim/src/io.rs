@@ -1,5 +1,5 @@
-//! Relays between the FIFOs containerd gives a process (stdin, stdout, stderr) and the agent's
-//! stream calls (`WriteStdin`/`CloseStdin`, `ReadStdout`, `ReadStderr`).
+//! Relays between the FIFOs or log URIs containerd gives a process (stdin, stdout, stderr) and
+//! the agent's stream calls (`WriteStdin`/`CloseStdin`, `ReadStdout`, `ReadStderr`).
 //!
 //! containerd opens its end of each FIFO before `Create`/`Exec` (read ends non-blocking, the
 //! stdin write end once a reader appears), so the shim opens its ends with blocking `open`s on
@@ -15,6 +15,8 @@ use husk_agent_protocol::{AgentClient, MAX_IO_CHUNK};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+
+use crate::logger::{open_log_file, BinaryLogger, LogError, LogUri, LoggedProcess, LoggerExit};
 
 /// Bytes read from containerd's stdin FIFO per `WriteStdin`.
 const STDIN_CHUNK: usize = 64 << 10;
@@ -40,30 +42,122 @@ pub struct Relays {
     pub stdin_close: Option<oneshot::Sender<()>>,
 }
 
-impl Relays {
-    /// Starts the relays of process (`container`, `exec`): output FIFOs are opened here, stdin's
-    /// in the background (its writer may come later).
-    pub fn start(agent: &AgentClient, container: &str, exec: &str, paths: &StdioPaths) -> Relays {
+/// The process whose stdio is relayed.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessRef<'a> {
+    pub container: &'a str,
+    /// Empty for the container's init.
+    pub exec: &'a str,
+    /// containerd's namespace (for a logging program's environment).
+    pub namespace: &'a str,
+}
+
+/// Where one output stream goes.
+enum Sink {
+    /// A FIFO or file path, opened by the relay.
+    Path(PathBuf),
+    /// Already open (a log file, a logging program's pipe).
+    Open(File),
+}
+
+/// A process's stdio with its log program started or log file opened, before its relays run.
+pub struct PreparedIo {
+    container: String,
+    exec: String,
+    /// (stderr?, where the stream goes).
+    outputs: Vec<(bool, Sink)>,
+    /// A logging program, finished once every output relay ended.
+    logger: Option<LoggerExit>,
+    stdin: Option<PathBuf>,
+}
+
+impl PreparedIo {
+    /// Prepares `process`'s stdio: a `binary://` stdout starts the logging program and waits
+    /// until it is ready; a `file://` one opens the file (see [`crate::logger`]). Done before
+    /// the process is created in the guest, so a failure leaves nothing to undo there.
+    pub async fn prepare(process: ProcessRef<'_>, paths: &StdioPaths) -> Result<Self, LogError> {
         let mut outputs = Vec::new();
-        for (stderr, path) in [(false, &paths.stdout), (true, &paths.stderr)] {
-            if let Some(path) = fifo_path(path) {
-                outputs.push(tokio::spawn(relay_output(
-                    agent.clone(),
-                    container.to_owned(),
-                    exec.to_owned(),
-                    stderr,
-                    path,
-                )));
-            } else if !path.is_empty() {
-                warn!(uri = %path, "unsupported stdio URI; output is discarded");
+        let mut logger = None;
+        match LogUri::parse(&paths.stdout)? {
+            Some(LogUri::Binary { path, args }) => {
+                // As containerd's runc shim: the logging program gets stdout and stderr both.
+                let started = BinaryLogger::start(
+                    &path,
+                    &args,
+                    LoggedProcess {
+                        container_id: process.container,
+                        namespace: process.namespace,
+                    },
+                )
+                .await?;
+                let (stdout, stderr, exit) = started.split();
+                outputs.push((false, Sink::Open(stdout)));
+                // With a terminal, stderr is merged into stdout: the program's fd 4 just ends.
+                if !paths.terminal {
+                    outputs.push((true, Sink::Open(stderr)));
+                }
+                logger = Some(exit);
+            }
+            Some(LogUri::File(path)) => {
+                let file = tokio::task::spawn_blocking(move || open_log_file(&path))
+                    .await
+                    .map_err(|e| LogError::Pipe(std::io::Error::other(e)))??;
+                if !paths.terminal {
+                    let copy = file.try_clone().map_err(LogError::Pipe)?;
+                    outputs.push((true, Sink::Open(copy)));
+                }
+                outputs.push((false, Sink::Open(file)));
+            }
+            None => {
+                for (stderr, value) in [(false, &paths.stdout), (true, &paths.stderr)] {
+                    if let Some(path) = fifo_path(value) {
+                        outputs.push((stderr, Sink::Path(path)));
+                    } else if !value.is_empty() {
+                        warn!(uri = %value, "unsupported stdio URI; output is discarded");
+                    }
+                }
             }
         }
-        let stdin_close = fifo_path(&paths.stdin).map(|path| {
+        Ok(PreparedIo {
+            container: process.container.to_owned(),
+            exec: process.exec.to_owned(),
+            outputs,
+            logger,
+            stdin: fifo_path(&paths.stdin),
+        })
+    }
+
+    /// Starts the relays, once the process exists in the guest.
+    pub fn start(self, agent: &AgentClient) -> Relays {
+        let mut outputs: Vec<JoinHandle<()>> = self
+            .outputs
+            .into_iter()
+            .map(|(stderr, sink)| {
+                tokio::spawn(relay_output(
+                    agent.clone(),
+                    self.container.clone(),
+                    self.exec.clone(),
+                    stderr,
+                    sink,
+                ))
+            })
+            .collect();
+        if let Some(logger) = self.logger {
+            // One handle for the whole: the output is complete once the program has exited.
+            let streams = std::mem::take(&mut outputs);
+            outputs.push(tokio::spawn(async move {
+                for stream in streams {
+                    let _ = stream.await;
+                }
+                logger.finish().await;
+            }));
+        }
+        let stdin_close = self.stdin.map(|path| {
             let (close_tx, close_rx) = oneshot::channel();
             relay_stdin(
                 agent.clone(),
-                container.to_owned(),
-                exec.to_owned(),
+                self.container.clone(),
+                self.exec.clone(),
                 path,
                 close_rx,
             );
@@ -76,16 +170,13 @@ impl Relays {
     }
 }
 
-/// A FIFO path from what containerd passes: a plain path, or a `fifo://` URI. Other URIs
-/// (`binary://`, `file://` are handled by containerd itself for CRI) yield `None`.
+/// A FIFO path from what containerd passes: a plain path, or a `fifo://` URI. Log URIs are
+/// [`LogUri`]s; other URIs yield `None`.
 fn fifo_path(value: &str) -> Option<PathBuf> {
     if value.is_empty() {
         return None;
     }
     if let Some(path) = value.strip_prefix("fifo://") {
-        return Some(PathBuf::from(path));
-    }
-    if let Some(path) = value.strip_prefix("file://") {
         return Some(PathBuf::from(path));
     }
     if value.contains("://") {
@@ -112,21 +203,27 @@ async fn relay_output(
     container: String,
     exec: String,
     stderr: bool,
-    path: PathBuf,
+    sink: Sink,
 ) {
-    let opened = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || open_output(&path)).await
-    };
-    let mut file = match opened {
-        Ok(Ok(file)) => Some(file),
-        Ok(Err(err)) => {
-            warn!(path = %path.display(), %err, "cannot open the output FIFO; output is discarded");
-            None
-        }
-        Err(err) => {
-            warn!(%err, "output FIFO open task failed");
-            None
+    let (mut file, path) = match sink {
+        Sink::Open(file) => (Some(file), PathBuf::from("(log)")),
+        Sink::Path(path) => {
+            let opened = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || open_output(&path)).await
+            };
+            let file = match opened {
+                Ok(Ok(file)) => Some(file),
+                Ok(Err(err)) => {
+                    warn!(path = %path.display(), %err, "cannot open the output FIFO; output is discarded");
+                    None
+                }
+                Err(err) => {
+                    warn!(%err, "output FIFO open task failed");
+                    None
+                }
+            };
+            (file, path)
         }
     };
     loop {
@@ -230,7 +327,7 @@ mod tests {
         assert_eq!(fifo_path(""), None);
         assert_eq!(fifo_path("/run/x/stdout"), Some("/run/x/stdout".into()));
         assert_eq!(fifo_path("fifo:///run/x/o"), Some("/run/x/o".into()));
-        assert_eq!(fifo_path("file:///var/log/o"), Some("/var/log/o".into()));
+        assert_eq!(fifo_path("file:///var/log/o"), None);
         assert_eq!(fifo_path("binary:///bin/logger?a=b"), None);
     }
 }

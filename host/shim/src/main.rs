@@ -5,6 +5,7 @@
 
 mod error;
 mod io;
+mod logger;
 mod metrics;
 mod pod;
 mod service;

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::error::{Result, ShimError};
-use crate::io::{Relays, StdioPaths};
+use crate::io::{PreparedIo, ProcessRef, StdioPaths};
 use crate::metrics;
 use crate::pod;
 use crate::task::{Container, Exit, Process, Status};
@@ -122,6 +122,21 @@ impl Service {
         if state.containers.contains_key(&req.id) {
             return Err(ShimError::AlreadyExists(format!("task {}", req.id)));
         }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let io = PreparedIo::prepare(
+            ProcessRef {
+                container: &req.id,
+                exec: "",
+                namespace: &self.namespace,
+            },
+            &stdio,
+        )
+        .await?;
         let bundle_dir = PathBuf::from(&req.bundle);
         let mounted_rootfs = mount_rootfs(&bundle_dir, &req.rootfs).await?;
         let result = self.create_in_vm(&mut state, &id, &bundle_dir, req).await;
@@ -134,17 +149,11 @@ impl Service {
                 return Err(err);
             }
         };
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let mut init = Process::new(stdio.clone());
+        let mut init = Process::new(stdio);
         init.pid = pid;
         let vm = state.vm.clone();
         if let Some(vm) = &vm {
-            let relays = Relays::start(&vm.agent, &req.id, "", &stdio);
+            let relays = io.start(&vm.agent);
             init.stdin_close = relays.stdin_close;
             init.outputs = relays.outputs;
         }
@@ -301,9 +310,18 @@ impl Service {
             vm.agent.start_container(&req.id).await?;
             std::mem::take(&mut process.outputs)
         } else {
+            let io = PreparedIo::prepare(
+                ProcessRef {
+                    container: &req.id,
+                    exec: &req.exec_id,
+                    namespace: &self.namespace,
+                },
+                &process.stdio,
+            )
+            .await?;
             let spec = process.spec.take().unwrap_or_default();
             process.pid = vm.agent.exec_process(&req.id, &req.exec_id, &spec).await?;
-            let relays = Relays::start(&vm.agent, &req.id, &req.exec_id, &process.stdio);
+            let relays = io.start(&vm.agent);
             process.stdin_close = relays.stdin_close;
             relays.outputs
         };
