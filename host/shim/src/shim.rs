@@ -20,6 +20,34 @@ use crate::pod;
 use crate::service::Service;
 use crate::vm;
 
+/// Removes the socket named by the bundle's `address` file when no shim listens on it any more
+/// (a shim that was killed leaves it; the crate removes it only at a clean exit).
+fn remove_dead_socket(address_file: &Path) {
+    let Ok(address) = std::fs::read_to_string(address_file) else {
+        return;
+    };
+    let address = address.trim();
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if !path.is_absolute() || address.len() > 4096 {
+        return;
+    }
+    let is_socket = std::fs::symlink_metadata(path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        .unwrap_or(false);
+    if !is_socket {
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+            if let Err(err) = std::fs::remove_file(path) {
+                warn!(path = %path.display(), %err, "cannot remove the dead shim's socket");
+            }
+        }
+        // Someone still serves it (another task of the group): keep it.
+        _ => {}
+    }
+}
+
 /// Exit status reported by `delete` for a task whose shim died (as runc's shim: SIGKILL).
 const KILLED_STATUS: u32 = 128 + 9;
 
@@ -72,6 +100,7 @@ impl Shim for HuskShim {
         }
         let rootfs = Path::new("rootfs");
         while nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        remove_dead_socket(Path::new("address"));
         Ok(DeleteResponse {
             exit_status: KILLED_STATUS,
             exited_at: MessageField::some(Timestamp::from(SystemTime::now())),
