@@ -207,6 +207,12 @@ pub fn entries(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// The shim sockets in containerd's socket directory (`/run/containerd/s`, fixed in
+/// containerd 1.6 whatever its state directory).
+pub fn shim_sockets() -> Vec<PathBuf> {
+    entries(Path::new("/run/containerd/s"))
+}
+
 /// A command's status and output, for assertion messages.
 pub fn describe(out: &Output) -> String {
     format!(
@@ -484,6 +490,71 @@ impl Containerd {
             let left = self.husk_leftovers();
             if left.is_empty() {
                 eprintln!("clean after {:?}", started.elapsed());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: {}\ncontainerd log:\n{}",
+                left.join(", "),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Everything a pod or task may leave once deleted: [`Containerd::husk_leftovers`], shim
+    /// sockets (containerd's `/run/containerd/s/`, minus those in `sockets_before`), task bundles
+    /// under containerd's state, the CRI plugin's sandbox and container directories (root and
+    /// state), and any mount under the test's directory. Empty when clean.
+    pub fn leftovers(&self, sockets_before: &[PathBuf]) -> Vec<String> {
+        let mut left = self.husk_leftovers();
+        let mut add = |what: &str, paths: Vec<PathBuf>| {
+            if !paths.is_empty() {
+                let shown: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
+                left.push(format!("{what} {shown:?}"));
+            }
+        };
+        let sockets: Vec<_> = shim_sockets()
+            .into_iter()
+            .filter(|s| !sockets_before.contains(s))
+            .collect();
+        add("shim sockets", sockets);
+        for namespace in ["default", CRI_NAMESPACE] {
+            add(
+                "task bundles",
+                entries(
+                    &self
+                        .state()
+                        .join("io.containerd.runtime.v2.task")
+                        .join(namespace),
+                ),
+            );
+        }
+        for base in [self.root(), self.state()] {
+            for kind in ["sandboxes", "containers"] {
+                add(
+                    "CRI directories",
+                    entries(&base.join("io.containerd.grpc.v1.cri").join(kind)),
+                );
+            }
+        }
+        let mounts: Vec<PathBuf> = mounts_under(self.dir.path())
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        add("mounts", mounts);
+        left
+    }
+
+    /// Waits (at most 30 s) until [`Containerd::leftovers`] is empty; panics naming what is
+    /// left.
+    pub fn assert_nothing_left(&self, sockets_before: &[PathBuf]) {
+        let started = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = self.leftovers(sockets_before);
+            if left.is_empty() {
+                eprintln!("nothing left after {:?}", started.elapsed());
                 return;
             }
             assert!(

@@ -1,0 +1,332 @@
+//! husk through containerd's real CRI plugin: Debian's containerd (1.6) started by the test with
+//! the CRI plugin on and runtime handler `husk` (io.containerd.husk.v2), driven by a CRI v1
+//! client (husk_e2e::cri), as kubelet would. Images are imported locally (the sandbox image is
+//! a busybox `sleep`); no registry, no network: CNI is not configured, so every pod uses the
+//! node's network namespace (hostNetwork; the guest has no network device yet). Needs a real
+//! KVM: run with `tests/e2e/run cri` (inside the test host).
+//!
+//! Every test checks that nothing is left once the pods are removed: no shim, no husk-vmm, no
+//! shim socket, no mount, no sandbox, task or CRI directory.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use husk_e2e::containerd::{
+    processes_named, shim_sockets, Containerd, Options, HUSK_HANDLER, IMAGE, SHIM,
+};
+use husk_e2e::cri::{self, api, Cri};
+
+/// A containerd with the CRI plugin, a client, and the shim sockets that existed before.
+struct Setup {
+    containerd: Containerd,
+    cri: Cri,
+    sockets_before: Vec<PathBuf>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let sockets_before = shim_sockets();
+        let containerd = Containerd::start_with(Options { cri: true });
+        let cri = Cri::connect(containerd.socket());
+        let version = cri.version().expect("CRI Version");
+        eprintln!(
+            "CRI: {} {} (CRI {})",
+            version.runtime_name, version.runtime_version, version.runtime_api_version
+        );
+        // The CRI plugin learns about imported images from containerd's events.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cri.image_status(IMAGE).expect("ImageStatus").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the CRI plugin does not see {IMAGE}\ncontainerd log:\n{}",
+                containerd.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Setup {
+            containerd,
+            cri,
+            sockets_before,
+        }
+    }
+
+    /// Panics with `what`, the CRI error and containerd's log.
+    fn fail(&self, what: &str, err: &cri::CriError) -> ! {
+        panic!(
+            "{what}: {} ({:?})\ncontainerd log:\n{}",
+            err.message(),
+            err.code(),
+            self.containerd.log()
+        )
+    }
+
+    /// RunPodSandbox with handler `husk`; returns the pod ID.
+    fn run_pod(&self, pod: &api::PodSandboxConfig) -> String {
+        let started = Instant::now();
+        let id = self
+            .cri
+            .run_pod_sandbox(pod, HUSK_HANDLER)
+            .unwrap_or_else(|e| self.fail("RunPodSandbox", &e));
+        eprintln!("RunPodSandbox {id}: {:?}", started.elapsed());
+        id
+    }
+
+    /// CreateContainer + StartContainer; returns the container ID.
+    fn start_container(
+        &self,
+        pod_id: &str,
+        pod: &api::PodSandboxConfig,
+        config: &api::ContainerConfig,
+    ) -> String {
+        let started = Instant::now();
+        let id = self
+            .cri
+            .create_container(pod_id, config, pod)
+            .unwrap_or_else(|e| self.fail("CreateContainer", &e));
+        self.cri
+            .start_container(&id)
+            .unwrap_or_else(|e| self.fail("StartContainer", &e));
+        eprintln!("container {id} started in {:?}", started.elapsed());
+        id
+    }
+
+    /// ExecSync of `cmd` in `id`: (exit code, stdout, stderr).
+    fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String, String) {
+        let out = self
+            .cri
+            .exec_sync(id, cmd, 60)
+            .unwrap_or_else(|e| self.fail(&format!("ExecSync {cmd:?}"), &e));
+        (
+            out.exit_code,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The guest kernel's boot ID seen from container `id`.
+    fn boot_id(&self, id: &str) -> String {
+        let (code, out, err) = self.exec(id, &["cat", "/proc/sys/kernel/random/boot_id"]);
+        assert_eq!(code, 0, "cat boot_id: {err}");
+        let boot_id = out.trim().to_owned();
+        assert_eq!(boot_id.len(), 36, "boot id {boot_id:?}");
+        boot_id
+    }
+
+    /// Waits (at most 60 s) until container `id` is in `want`.
+    fn wait_container_state(&self, id: &str, want: api::ContainerState) -> api::ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self
+                .cri
+                .container_status(id)
+                .unwrap_or_else(|e| self.fail("ContainerStatus", &e));
+            if status.state == want as i32 {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} is in state {}, not {want:?}\ncontainerd log:\n{}",
+                status.state,
+                self.containerd.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// StopPodSandbox + RemovePodSandbox, then no pod or container is listed.
+    fn stop_and_remove(&self, pod_id: &str) {
+        let started = Instant::now();
+        self.cri
+            .stop_pod_sandbox(pod_id)
+            .unwrap_or_else(|e| self.fail("StopPodSandbox", &e));
+        let stopped = started.elapsed();
+        self.cri
+            .remove_pod_sandbox(pod_id)
+            .unwrap_or_else(|e| self.fail("RemovePodSandbox", &e));
+        eprintln!(
+            "StopPodSandbox {pod_id}: {stopped:?}, RemovePodSandbox: {:?}",
+            started.elapsed() - stopped
+        );
+        let pods = self.cri.list_pod_sandboxes().expect("ListPodSandbox");
+        assert!(
+            pods.iter().all(|p| p.id != pod_id),
+            "pod still listed: {pods:?}"
+        );
+        let containers = self.cri.list_containers().expect("ListContainers");
+        assert!(
+            containers.iter().all(|c| c.pod_sandbox_id != pod_id),
+            "containers of the pod still listed: {containers:?}"
+        );
+    }
+
+    fn assert_nothing_left(&self) {
+        self.containerd.assert_nothing_left(&self.sockets_before);
+    }
+}
+
+#[test]
+fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
+    let setup = Setup::new();
+    let pod = cri::pod_config("pod1", "uid-pod1");
+    let pod_id = setup.run_pod(&pod);
+    let status = setup
+        .cri
+        .pod_sandbox_status(&pod_id)
+        .unwrap_or_else(|e| setup.fail("PodSandboxStatus", &e));
+    assert_eq!(status.state, api::PodSandboxState::SandboxReady as i32);
+
+    // An emptyDir-style volume: one host directory mounted into both containers.
+    let volume = setup.containerd.dir().join("volume");
+    fs::create_dir(&volume).unwrap();
+    let mut containers = Vec::new();
+    for name in ["first", "second"] {
+        let mut config = cri::container_config(name, IMAGE, &["sleep", "100000"]);
+        config.mounts.push(cri::bind_mount(&volume, "/shared"));
+        containers.push(setup.start_container(&pod_id, &pod, &config));
+    }
+    let (first, second) = (&containers[0], &containers[1]);
+    for id in [first, second] {
+        setup.wait_container_state(id, api::ContainerState::ContainerRunning);
+    }
+
+    // One VM for the pod: one shim, one husk-vmm, the same guest kernel in both containers
+    // (not the host's).
+    assert_eq!(processes_named("husk-vmm").len(), 1, "one VM for the pod");
+    assert_eq!(processes_named(SHIM).len(), 1, "one shim for the pod");
+    let boot_id = setup.boot_id(first);
+    assert_eq!(boot_id, setup.boot_id(second), "both containers in one VM");
+    let host_boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(
+        boot_id,
+        host_boot_id.trim(),
+        "the containers run in a guest"
+    );
+
+    // Each sees what the other wrote in the shared volume, and so does the host.
+    let (code, _, err) = setup.exec(first, &["sh", "-c", "echo from-first > /shared/a"]);
+    assert_eq!(code, 0, "write /shared/a: {err}");
+    let (code, out, err) = setup.exec(second, &["cat", "/shared/a"]);
+    assert_eq!((code, out.as_str()), (0, "from-first\n"), "{err}");
+    let (code, _, err) = setup.exec(second, &["sh", "-c", "echo from-second > /shared/b"]);
+    assert_eq!(code, 0, "write /shared/b: {err}");
+    let (code, out, err) = setup.exec(first, &["cat", "/shared/b"]);
+    assert_eq!((code, out.as_str()), (0, "from-second\n"), "{err}");
+    assert_eq!(
+        fs::read_to_string(volume.join("a")).unwrap(),
+        "from-first\n"
+    );
+    assert_eq!(
+        fs::read_to_string(volume.join("b")).unwrap(),
+        "from-second\n"
+    );
+
+    // ExecSync: stdout, stderr and the exit code apart.
+    let (code, out, err) = setup.exec(first, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
+
+    // ContainerStats: the guest cgroup's numbers, decoded by the CRI plugin.
+    let (code, _, err) = setup.exec(
+        first,
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+        ],
+    );
+    assert_eq!(code, 0, "busy loop: {err}");
+    let stats = setup
+        .cri
+        .container_stats(first)
+        .unwrap_or_else(|e| setup.fail("ContainerStats", &e));
+    eprintln!("ContainerStats: {stats:?}");
+    let cpu = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map(|v| v.value)
+        .expect("cpu.usage_core_nano_seconds");
+    let memory = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map(|v| v.value)
+        .expect("memory.working_set_bytes");
+    assert!(cpu > 0, "CPU usage {cpu}");
+    assert!(memory > 0, "memory working set {memory}");
+    assert_eq!(
+        stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(first.as_str())
+    );
+
+    setup.stop_and_remove(&pod_id);
+    setup.assert_nothing_left();
+    // The volume is the host's: it stays, with what the containers wrote.
+    assert!(volume.join("a").is_file());
+}
+
+#[test]
+fn cri_vmm_killed_containers_exit_and_the_pod_is_removed() {
+    let setup = Setup::new();
+    let pod = cri::pod_config("doomed", "uid-doomed");
+    let pod_id = setup.run_pod(&pod);
+    let config = cri::container_config("app", IMAGE, &["sleep", "100000"]);
+    let id = setup.start_container(&pod_id, &pod, &config);
+    setup.wait_container_state(&id, api::ContainerState::ContainerRunning);
+
+    let vmms = processes_named("husk-vmm");
+    assert_eq!(vmms.len(), 1, "husk-vmm processes: {vmms:?}");
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(vmms[0] as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 husk-vmm");
+
+    let status = setup.wait_container_state(&id, api::ContainerState::ContainerExited);
+    eprintln!(
+        "after kill -9: exit code {}, reason {:?}",
+        status.exit_code, status.reason
+    );
+    assert_ne!(
+        status.exit_code, 0,
+        "a container whose VM died did not succeed"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pod_status = setup
+            .cri
+            .pod_sandbox_status(&pod_id)
+            .unwrap_or_else(|e| setup.fail("PodSandboxStatus", &e));
+        if pod_status.state == api::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod stays ready after its VM died\ncontainerd log:\n{}",
+            setup.containerd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    setup.stop_and_remove(&pod_id);
+    setup.assert_nothing_left();
+}
+
+#[test]
+fn cri_ten_pods_in_a_row_leave_nothing_behind() {
+    let setup = Setup::new();
+    let started = Instant::now();
+    for i in 0..10 {
+        let round = Instant::now();
+        let pod = cri::pod_config(&format!("loop{i}"), &format!("uid-loop{i}"));
+        let pod_id = setup.run_pod(&pod);
+        let config = cri::container_config("app", IMAGE, &["sleep", "100000"]);
+        let id = setup.start_container(&pod_id, &pod, &config);
+        let (code, out, err) = setup.exec(&id, &["echo", "alive"]);
+        assert_eq!((code, out.as_str()), (0, "alive\n"), "{err}");
+        setup.stop_and_remove(&pod_id);
+        setup.assert_nothing_left();
+        eprintln!("pod {i}: {:?}", round.elapsed());
+    }
+    eprintln!("10 pods: {:?}", started.elapsed());
+}
