@@ -20,6 +20,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{guest_initramfs, guest_kernel, require_program, require_real_kvm, TempDir, Watched};
@@ -213,6 +214,18 @@ pub fn shim_sockets() -> Vec<PathBuf> {
     entries(Path::new("/run/containerd/s"))
 }
 
+/// A fresh path `/run/husk-e2e-<pid>-<n>` (not created: the shim creates its root).
+fn short_dir() -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/run/husk-e2e-{}-{n}", std::process::id()));
+        if !path.exists() {
+            return path;
+        }
+    }
+}
+
 /// A command's status and output, for assertion messages.
 pub fn describe(out: &Output) -> String {
     format!(
@@ -276,7 +289,9 @@ impl Containerd {
         let dir = TempDir::new(if options.cri { "cri" } else { "shim" });
         let root = dir.path();
         let socket = root.join("containerd.sock");
-        let shim_root = root.join("husk");
+        // CRI's IDs are 64 characters and the sandbox's socket must fit in a Unix socket path
+        // (107 bytes): the shim root is short, outside the (long) temporary directory.
+        let shim_root = short_dir();
         let console_dir = root.join("console");
         let husk_config = root.join("husk.toml");
         fs::write(
@@ -593,9 +608,15 @@ impl Drop for Containerd {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         let mut points = mounts_under(self.dir.path());
+        points.extend(mounts_under(&self.shim_root));
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for point in points {
             let _ = Command::new("umount").args(["-l", &point]).status();
+        }
+        if let Err(e) = fs::remove_dir_all(&self.shim_root) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("warning: cannot remove {}: {e}", self.shim_root.display());
+            }
         }
     }
 }

@@ -43,8 +43,8 @@ pub struct Cri {
     images: ImageServiceClient<Channel>,
 }
 
-/// The pod [`pod_config`] makes: in the node's network namespace (no CNI needed), namespace
-/// `husk-e2e`, no log directory.
+/// A pod in the node's network namespace (no CNI needed; containerd then keeps the node's UTS
+/// namespace too, so no hostname, as kubelet does), namespace `husk-e2e`, no log directory.
 pub fn pod_config(name: &str, uid: &str) -> api::PodSandboxConfig {
     api::PodSandboxConfig {
         metadata: Some(api::PodSandboxMetadata {
@@ -53,7 +53,7 @@ pub fn pod_config(name: &str, uid: &str) -> api::PodSandboxConfig {
             namespace: "husk-e2e".to_owned(),
             attempt: 0,
         }),
-        hostname: name.to_owned(),
+        // No hostname: as kubelet does for a pod in the node's network (and UTS) namespace.
         linux: Some(api::LinuxPodSandboxConfig {
             security_context: Some(api::LinuxSandboxSecurityContext {
                 namespace_options: Some(api::NamespaceOption {
