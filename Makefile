@@ -4,7 +4,7 @@ CARGO ?= cargo
 MUSL := x86_64-unknown-linux-musl
 AGENT := target/$(MUSL)/release/husk-agent
 
-.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest vmm-echo-image test-e2e test demo clean bench-boot bench-fs
+.PHONY: all build deps-rust fmt-check clippy unit guest-kernel agent guest vmm-echo-image test-e2e test demo clean bench bench-boot bench-fs bench-pod
 
 all: build
 
@@ -59,3 +59,11 @@ bench-boot: guest
 # virtio-fs benchmark: large- and small-file reads on the host and in a husk-vmm guest (test host).
 bench-fs: guest-kernel deps-rust
 	host/vmm/bench/fs
+
+# Pod benchmark: RunPodSandbox to first output and memory per pod, husk against runc, through
+# containerd's CRI plugin in the test host; prints medians and ratios.
+bench-pod: guest deps-rust
+	host/shim/bench/pod
+
+# Every benchmark, one after the other.
+bench: bench-boot bench-fs bench-pod

@@ -156,6 +156,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        die_with_the_shim(&mut command);
         let mut child = command
             .spawn()
             .map_err(ShimError::io("start", &spec.config.vmm.path))?;
@@ -211,6 +212,28 @@ impl Vm {
             }
         }
         cleanup(&self.files, Some(self.vmm_pid), Some(self.vmm_exit.clone())).await;
+    }
+}
+
+/// Makes husk-vmm receive SIGKILL when the shim dies (killed, crashed), so no VM outlives
+/// its shim even before containerd runs the `delete` command, which then only removes files
+/// and mounts. The kernel sends it when the thread that spawned husk-vmm ends: a worker thread
+/// of the shim's tokio runtime, which lives as long as the shim.
+fn die_with_the_shim(command: &mut tokio::process::Command) {
+    let shim = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
+    // getppid (async-signal-safe) on integers; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The shim died between fork and prctl: do not start an orphan VM.
+            if u32::try_from(libc::getppid()).ok() != Some(shim) {
+                return Err(std::io::Error::other("the shim exited"));
+            }
+            Ok(())
+        });
     }
 }
 

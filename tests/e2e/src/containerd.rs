@@ -318,6 +318,10 @@ impl Containerd {
             "[grpc]\n  address = {socket:?}\n[ttrpc]\n  address = {:?}\n",
             root.join("containerd.sock.ttrpc"),
         ));
+        // containerd gives a dead shim's `delete` command 5 s by default; in the emulated test
+        // host, exec'ing the 180 MB debug shim over 9p alone can take that long on a loaded
+        // machine (natively the command takes ~15 ms).
+        config.push_str("[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n");
         if options.cri {
             let cni_bin = root.join("cni/bin");
             let cni_conf = root.join("cni/conf");
