@@ -1,7 +1,8 @@
 //! Pods: which microVM a container belongs to, from containerd's CRI annotations.
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder, Spec,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResources, LinuxResourcesBuilder,
+    Spec,
 };
 
 use crate::error::ShimError;
@@ -95,6 +96,53 @@ pub fn sandbox_resources(spec: &Spec) -> Result<Option<LinuxResources>, ShimErro
     builder.build().map(Some).map_err(invalid)
 }
 
+/// Maps a pod member's namespaces onto the VM, which is the pod: containerd's CRI plugin gives
+/// a pod's containers the paths of the sandbox's network, IPC and UTS namespaces (on the host,
+/// meaningless in the guest), and the sandbox new ones of its own. In the guest, the pod's
+/// network, IPC and UTS namespaces are the VM's own (booted with the pod's hostname): the
+/// sandbox's new ones and every member's joined ones are dropped, so all the pod's containers
+/// share them (the sandbox's hostname is the VM's already). Sharing the sandbox's PID namespace
+/// (`shareProcessNamespace`) is refused: the guest has no way to join it yet. A standalone
+/// container's spec is left as it is.
+pub fn map_namespaces(spec: &mut Spec, role: &Role) -> Result<(), ShimError> {
+    if *role == Role::Standalone {
+        return Ok(());
+    }
+    let Some(linux) = spec.linux_mut() else {
+        return Ok(());
+    };
+    let Some(namespaces) = linux.namespaces().clone() else {
+        return Ok(());
+    };
+    let mut kept = Vec::with_capacity(namespaces.len());
+    for namespace in namespaces {
+        let joins = namespace
+            .path()
+            .as_ref()
+            .is_some_and(|p| !p.as_os_str().is_empty());
+        let pod_wide = matches!(
+            namespace.typ(),
+            LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts
+        );
+        if pod_wide && (joins || *role == Role::Sandbox) {
+            continue;
+        }
+        if joins && namespace.typ() == LinuxNamespaceType::Pid {
+            return Err(ShimError::InvalidArgument(
+                "sharing the pod's PID namespace (shareProcessNamespace) is not supported: \
+                 each container of a husk pod has a PID namespace of its own"
+                    .into(),
+            ));
+        }
+        kept.push(namespace);
+    }
+    linux.set_namespaces(Some(kept));
+    if *role == Role::Sandbox {
+        spec.set_hostname(None);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -155,6 +203,75 @@ mod tests {
     fn bad_sandbox_annotations_are_named() {
         let err = sandbox_resources(&spec(&[(SANDBOX_MEMORY, "lots")])).unwrap_err();
         assert!(err.to_string().contains(SANDBOX_MEMORY), "{err}");
+    }
+
+    fn namespaced(annotations: &[(&str, &str)], namespaces: serde_json::Value) -> Spec {
+        let mut spec = spec(annotations);
+        let linux =
+            serde_json::from_value(serde_json::json!({ "namespaces": namespaces })).unwrap();
+        spec.set_linux(Some(linux));
+        spec.set_hostname(Some("pod-host".into()));
+        spec
+    }
+
+    fn namespace_list(spec: &Spec) -> serde_json::Value {
+        serde_json::to_value(spec.linux().as_ref().unwrap().namespaces()).unwrap()
+    }
+
+    #[test]
+    fn pod_members_share_the_vms_network_ipc_and_uts_namespaces() {
+        // containerd 1.6's CRI plugin: the sandbox gets new namespaces (a CNI netns by path).
+        let mut sandbox = namespaced(
+            &[(CONTAINER_TYPE, "sandbox")],
+            serde_json::json!([
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/cni-1"}
+            ]),
+        );
+        let r = role(&sandbox);
+        map_namespaces(&mut sandbox, &r).unwrap();
+        assert_eq!(
+            namespace_list(&sandbox),
+            serde_json::json!([{"type": "pid"}, {"type": "mount"}])
+        );
+        assert_eq!(sandbox.hostname(), &None);
+
+        // Its containers join the sandbox's by /proc paths.
+        let member_annotations = [(CONTAINER_TYPE, "container"), (SANDBOX_ID, "pod1")];
+        let mut member = namespaced(
+            &member_annotations,
+            serde_json::json!([
+                {"type": "pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"},
+                {"type": "network", "path": "/proc/42/ns/net"}
+            ]),
+        );
+        let r = role(&member);
+        map_namespaces(&mut member, &r).unwrap();
+        assert_eq!(
+            namespace_list(&member),
+            serde_json::json!([{"type": "pid"}, {"type": "mount"}])
+        );
+
+        // shareProcessNamespace: refused, named.
+        let mut shared_pid = namespaced(
+            &member_annotations,
+            serde_json::json!([{"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "mount"}]),
+        );
+        let r = role(&shared_pid);
+        let err = map_namespaces(&mut shared_pid, &r).unwrap_err();
+        assert!(err.to_string().contains("shareProcessNamespace"), "{err}");
+
+        // A standalone container keeps its spec.
+        let mut standalone = namespaced(
+            &[],
+            serde_json::json!([{"type": "uts"}, {"type": "network", "path": "/x"}]),
+        );
+        let before = namespace_list(&standalone);
+        let r = role(&standalone);
+        map_namespaces(&mut standalone, &r).unwrap();
+        assert_eq!(namespace_list(&standalone), before);
+        assert_eq!(standalone.hostname().as_deref(), Some("pod-host"));
     }
 
     #[test]

@@ -259,7 +259,16 @@ impl Service {
             .vm
             .as_ref()
             .ok_or_else(|| ShimError::FailedPrecondition("no VM".into()))?;
-        let plan = share::plan(bundle, id)?;
+        let mut plan = share::plan(bundle, id)?;
+        pod::map_namespaces(&mut plan.guest_spec, &pod::role(&bundle.spec))?;
+        // A read-only root with mount points the image lacks (containerd's CRI plugin binds
+        // /etc/resolv.conf into every sandbox, whose root is read-only): as runc does, the
+        // mount points are made while the root is writable, and it becomes read-only after.
+        // So the rootfs is shared writable; the guest spec keeps `root.readonly`, which the
+        // agent applies once the container's mounts are in place.
+        if let Some(rootfs) = plan.binds.first_mut() {
+            rootfs.readonly = false;
+        }
         share::bind_all(&vm.files.paths.shared, &plan, &HostMounter)?;
         let mut spec = plan.guest_spec.clone();
         spec.set_hooks(None);

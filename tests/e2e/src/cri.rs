@@ -70,8 +70,8 @@ pub fn pod_config(name: &str, uid: &str) -> api::PodSandboxConfig {
     }
 }
 
-/// A container of `image` running `command` (no log path; set `log_path` with a pod log
-/// directory to get one).
+/// A container of `image` running `command`, for a [`pod_config`] pod (no log path; set
+/// `log_path` with a pod log directory to get one).
 pub fn container_config(name: &str, image: &str, command: &[&str]) -> api::ContainerConfig {
     api::ContainerConfig {
         metadata: Some(api::ContainerMetadata {
@@ -83,6 +83,20 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> api::Conta
             ..Default::default()
         }),
         command: command.iter().map(|s| (*s).to_owned()).collect(),
+        // As kubelet sets them for a container of a [`pod_config`] pod: the pod's network and
+        // IPC, a PID namespace of its own.
+        linux: Some(api::LinuxContainerConfig {
+            security_context: Some(api::LinuxContainerSecurityContext {
+                namespace_options: Some(api::NamespaceOption {
+                    network: api::NamespaceMode::Node as i32,
+                    pid: api::NamespaceMode::Container as i32,
+                    ipc: api::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -185,6 +185,14 @@ fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
     for name in ["first", "second"] {
         let mut config = cri::container_config(name, IMAGE, &["sleep", "100000"]);
         config.mounts.push(cri::bind_mount(&volume, "/shared"));
+        if name == "second" {
+            // A read-only root file system (its mount point /shared is made all the same).
+            let linux = config.linux.get_or_insert_with(Default::default);
+            linux
+                .security_context
+                .get_or_insert_with(Default::default)
+                .readonly_rootfs = true;
+        }
         containers.push(setup.start_container(&pod_id, &pod, &config));
     }
     let (first, second) = (&containers[0], &containers[1]);
@@ -214,6 +222,14 @@ fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
     assert_eq!(code, 0, "write /shared/b: {err}");
     let (code, out, err) = setup.exec(first, &["cat", "/shared/b"]);
     assert_eq!((code, out.as_str()), (0, "from-second\n"), "{err}");
+    let (code, _, err) = setup.exec(second, &["touch", "/in-root"]);
+    assert_ne!(code, 0, "the second container's root is read-only");
+    assert!(
+        err.contains("Read-only file system"),
+        "touch /in-root: {err}"
+    );
+    let (code, _, err) = setup.exec(first, &["touch", "/in-root"]);
+    assert_eq!(code, 0, "the first container's root is writable: {err}");
     assert_eq!(
         fs::read_to_string(volume.join("a")).unwrap(),
         "from-first\n"
