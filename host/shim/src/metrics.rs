@@ -10,6 +10,17 @@ use husk_agent_protocol::agent::StatsContainerResponse;
 
 use crate::error::{Result, ShimError};
 
+/// The agent says 0 for no memory limit (`memory.max` = `max`); containerd's cgroup v2 metrics
+/// say `u64::MAX`, which the CRI plugin checks before computing `available_bytes` (limit minus
+/// working set: with 0 it wrapped around to nearly 2^64).
+fn unlimited_as_max(limit: u64) -> u64 {
+    if limit == 0 {
+        u64::MAX
+    } else {
+        limit
+    }
+}
+
 /// containerd's metrics message for the agent's statistics.
 pub fn to_metrics(stats: &StatsContainerResponse) -> Metrics {
     let mut metrics = Metrics::new();
@@ -26,7 +37,7 @@ pub fn to_metrics(stats: &StatsContainerResponse) -> Metrics {
     if let Some(memory) = stats.memory.as_ref() {
         metrics.memory = MessageField::some(MemoryStat {
             usage: memory.current_bytes,
-            usage_limit: memory.limit_bytes,
+            usage_limit: unlimited_as_max(memory.limit_bytes),
             swap_usage: memory.swap_current_bytes,
             anon: memory.anon_bytes,
             file: memory.file_bytes,
@@ -98,6 +109,15 @@ mod tests {
         assert_eq!(metrics.memory.usage_limit, 8192);
         assert_eq!(metrics.memory_events.oom_kill, 2);
         assert!(metrics.pids.is_none());
+        let unlimited = StatsContainerResponse {
+            memory: MessageField::some(MemoryStats {
+                current_bytes: 4096,
+                limit_bytes: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(to_metrics(&unlimited).memory.usage_limit, u64::MAX);
         let any = to_any(&stats).unwrap();
         assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
     }
