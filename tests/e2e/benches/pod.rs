@@ -32,10 +32,15 @@ const OUTPUT_TIMEOUT: Duration = Duration::from_secs(300);
 struct Args {
     runs: usize,
     pods: usize,
+    latency: bool,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { runs: 10, pods: 10 };
+    let mut args = Args {
+        runs: 10,
+        pods: 10,
+        latency: true,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut number = |name: &str| -> usize {
@@ -47,9 +52,12 @@ fn parse_args() -> Args {
         match arg.as_str() {
             "--runs" => args.runs = number("--runs"),
             "--pods" => args.pods = number("--pods"),
+            "--memory-only" => args.latency = false,
             // `cargo bench` passes --bench.
             "--bench" => {}
-            other => panic!("usage: pod [--runs N] [--pods M] (unknown argument {other})"),
+            other => panic!(
+                "usage: pod [--runs N] [--pods M] [--memory-only] (unknown argument {other})"
+            ),
         }
     }
     args
@@ -227,40 +235,16 @@ struct PodMemory {
     guest_ram: u64,
 }
 
-fn measure_memory(containerd: &Containerd, cri: &Cri, handler: &str, pods: usize) -> PodMemory {
-    let t0 = Instant::now();
-    for i in 0..pods {
-        let name = format!("{handler}-mem-{i}");
-        let log_dir = containerd.dir().join("pod-logs").join(&name);
-        fs::create_dir_all(&log_dir).unwrap();
-        let pod = pod_config(&name, &log_dir);
-        let pod_id = cri
-            .run_pod_sandbox(&pod, handler)
-            .unwrap_or_else(|e| fail(containerd, "RunPodSandbox", &e));
-        let config = cri::container_config("app", IMAGE, &["sleep", "100000"]);
-        let id = cri
-            .create_container(&pod_id, &config, &pod)
-            .unwrap_or_else(|e| fail(containerd, "CreateContainer", &e));
-        cri.start_container(&id)
-            .unwrap_or_else(|e| fail(containerd, "StartContainer", &e));
-        eprintln!(
-            "  {handler} pod {} of {pods} running after {:.1} s",
-            i + 1,
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    // Let the guests' and shims' start-up work settle.
-    std::thread::sleep(Duration::from_secs(10));
+/// The memory of the pods of `handler` running now (summed per kind of process, in KiB).
+fn snapshot(handler: &str) -> PodMemory {
     let sum = |pids: &[u32]| {
         pids.iter()
             .map(|p| rss_pss_kib(*p))
             .fold((0, 0), |(r, p), (r2, p2)| (r + r2, p + p2))
     };
-    let memory = if handler == HUSK_HANDLER {
-        let shims = processes_named(SHIM);
+    if handler == HUSK_HANDLER {
         let vmms = processes_named("husk-vmm");
-        assert_eq!(vmms.len(), pods, "one husk-vmm per pod: {vmms:?}");
-        let (shim_rss, shim_pss) = sum(&shims);
+        let (shim_rss, shim_pss) = sum(&processes_named(SHIM));
         let (vmm_rss, vmm_pss) = sum(&vmms);
         PodMemory {
             parts: vec![("shim", shim_rss, shim_pss), ("husk-vmm", vmm_rss, vmm_pss)],
@@ -277,13 +261,110 @@ fn measure_memory(containerd: &Containerd, cri: &Cri, handler: &str, pods: usize
             ],
             guest_ram: 0,
         }
-    };
+    }
+}
+
+/// Starts `pods` pods of `handler` one after the other, printing the memory per pod after each
+/// (so a run that stalls still shows the figures so far); returns the last.
+fn measure_memory(containerd: &Containerd, cri: &Cri, handler: &str, pods: usize) -> PodMemory {
+    let t0 = Instant::now();
+    let mut last = None;
+    for i in 0..pods {
+        let name = format!("{handler}-mem-{i}");
+        let log_dir = containerd.dir().join("pod-logs").join(&name);
+        fs::create_dir_all(&log_dir).unwrap();
+        let pod = pod_config(&name, &log_dir);
+        let pod_id = cri
+            .run_pod_sandbox(&pod, handler)
+            .unwrap_or_else(|e| fail(containerd, "RunPodSandbox", &e));
+        let config = cri::container_config("app", IMAGE, &["sleep", "100000"]);
+        let id = cri
+            .create_container(&pod_id, &config, &pod)
+            .unwrap_or_else(|e| fail(containerd, "CreateContainer", &e));
+        cri.start_container(&id)
+            .unwrap_or_else(|e| fail(containerd, "StartContainer", &e));
+        // Let the guest's and the shim's start-up work settle.
+        std::thread::sleep(Duration::from_secs(5));
+        let memory = snapshot(handler);
+        println!(
+            "  {handler} {} pod(s) running after {:.1} s: {}",
+            i + 1,
+            t0.elapsed().as_secs_f64(),
+            memory.describe(i + 1)
+        );
+        last = Some(memory);
+    }
     remove_all_pods(containerd, cri);
-    memory
+    last.unwrap_or(PodMemory {
+        parts: Vec::new(),
+        guest_ram: 0,
+    })
+}
+
+impl PodMemory {
+    fn total_pss(&self) -> u64 {
+        self.parts.iter().map(|(_, _, pss)| pss).sum()
+    }
+
+    /// Per pod with `pods` pods: each part's RSS / PSS, the total PSS, and for husk the guest
+    /// RAM resident in husk-vmm (in MiB).
+    fn describe(&self, pods: usize) -> String {
+        let mut line = String::new();
+        for (what, rss, pss) in &self.parts {
+            line.push_str(&format!(
+                "{what} {:.2} / {:.2}  ",
+                mib(*rss, pods),
+                mib(*pss, pods)
+            ));
+        }
+        line.push_str(&format!("total PSS {:.2}", mib(self.total_pss(), pods)));
+        if self.guest_ram > 0 {
+            line.push_str(&format!(
+                " (guest RAM resident {:.2}, without it {:.2})",
+                mib(self.guest_ram, pods),
+                mib(self.total_pss().saturating_sub(self.guest_ram), pods)
+            ));
+        }
+        line
+    }
 }
 
 fn mib(kib: u64, pods: usize) -> f64 {
     kib as f64 / 1024.0 / pods as f64
+}
+
+/// Start latency, `runs` times per handler after one untimed pod (image unpacked, caches
+/// warm); prints each run, then the medians and the husk/runc ratio.
+fn latency(containerd: &Containerd, cri: &Cri, handlers: &[&str; 2], runs: usize) {
+    let mut totals: Vec<Vec<f64>> = Vec::new();
+    for handler in handlers {
+        start_once(containerd, cri, handler, &format!("{handler}-warmup"));
+        let mut times = Vec::new();
+        for i in 0..runs {
+            let (total, sandbox, create, start) =
+                start_once(containerd, cri, handler, &format!("{handler}-{i}"));
+            println!(
+                "run {:2} {handler:5} first output {:8.3} s  (RunPodSandbox {:7.3} s, CreateContainer {:6.3} s, StartContainer {:6.3} s)",
+                i + 1,
+                total,
+                sandbox,
+                create,
+                start
+            );
+            times.push(total);
+        }
+        totals.push(times);
+    }
+    println!();
+    println!("RunPodSandbox to first output (median of {runs}):");
+    for (handler, times) in handlers.iter().zip(&totals) {
+        println!("  {handler:5} {:8.3} s", median(times));
+    }
+    println!(
+        "  ratio husk/runc: {:.1}",
+        median(&totals[1]) / median(&totals[0])
+    );
+    println!();
 }
 
 fn main() {
@@ -310,26 +391,9 @@ fn main() {
         version.runtime_name, version.runtime_version, args.runs, args.pods
     );
 
-    // Start latency. One untimed pod per runtime first (image unpacked, caches warm).
     let handlers = [RUNC_HANDLER, HUSK_HANDLER];
-    let mut totals: Vec<(&str, Vec<f64>)> = Vec::new();
-    for handler in handlers {
-        start_once(&containerd, &cri, handler, &format!("{handler}-warmup"));
-        let mut runs = Vec::new();
-        for i in 0..args.runs {
-            let (total, sandbox, create, start) =
-                start_once(&containerd, &cri, handler, &format!("{handler}-{i}"));
-            println!(
-                "run {:2} {handler:5} first output {:8.3} s  (RunPodSandbox {:7.3} s, CreateContainer {:6.3} s, StartContainer {:6.3} s)",
-                i + 1,
-                total,
-                sandbox,
-                create,
-                start
-            );
-            runs.push(total);
-        }
-        totals.push((handler, runs));
+    if args.latency {
+        latency(&containerd, &cri, &handlers, args.runs);
     }
 
     // Memory with M pods at once.
@@ -342,40 +406,14 @@ fn main() {
     }
 
     println!();
-    println!("RunPodSandbox to first output (median of {}):", args.runs);
-    for (handler, runs) in &totals {
-        println!("  {handler:5} {:8.3} s", median(runs));
-    }
-    let runc = median(&totals[0].1);
-    let husk = median(&totals[1].1);
-    println!("  ratio husk/runc: {:.1}", husk / runc);
-    println!();
     println!(
         "memory per pod ({} pods at once; MiB, RSS / PSS):",
         args.pods
     );
     let mut pss_totals = Vec::new();
     for (handler, m) in &memory {
-        let mut line = format!("  {handler:5}");
-        let mut pss_total = 0;
-        for (what, rss, pss) in &m.parts {
-            line.push_str(&format!(
-                "  {what} {:.2} / {:.2}",
-                mib(*rss, args.pods),
-                mib(*pss, args.pods)
-            ));
-            pss_total += pss;
-        }
-        line.push_str(&format!("  total PSS {:.2}", mib(pss_total, args.pods)));
-        if m.guest_ram > 0 {
-            line.push_str(&format!(
-                " (guest RAM resident {:.2}, without it {:.2})",
-                mib(m.guest_ram, args.pods),
-                mib(pss_total.saturating_sub(m.guest_ram), args.pods)
-            ));
-        }
-        println!("{line}");
-        pss_totals.push(pss_total);
+        println!("  {handler:5} {}", m.describe(args.pods));
+        pss_totals.push(m.total_pss());
     }
     println!(
         "  ratio husk/runc (total PSS): {:.1}",
