@@ -503,22 +503,7 @@ impl Containerd {
     /// Waits (at most 20 s: the shim exits after containerd's Shutdown) until
     /// [`Containerd::husk_leftovers`] is empty; panics naming what is left.
     pub fn assert_clean(&self) {
-        let started = Instant::now();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = self.husk_leftovers();
-            if left.is_empty() {
-                eprintln!("clean after {:?}", started.elapsed());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "left behind: {}\ncontainerd log:\n{}",
-                left.join(", "),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.wait_until_empty(Duration::from_secs(20), || self.husk_leftovers());
     }
 
     /// Everything a pod or task may leave once deleted: [`Containerd::husk_leftovers`], shim
@@ -568,16 +553,21 @@ impl Containerd {
     /// Waits (at most 30 s) until [`Containerd::leftovers`] is empty; panics naming what is
     /// left.
     pub fn assert_nothing_left(&self, sockets_before: &[PathBuf]) {
+        self.wait_until_empty(Duration::from_secs(30), || self.leftovers(sockets_before));
+    }
+
+    /// Polls `leftovers` until it is empty, for at most `patience`; then panics naming what is
+    /// left, with containerd's log.
+    fn wait_until_empty(&self, patience: Duration, leftovers: impl Fn() -> Vec<String>) {
         let started = Instant::now();
-        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let left = self.leftovers(sockets_before);
+            let left = leftovers();
             if left.is_empty() {
                 eprintln!("nothing left after {:?}", started.elapsed());
                 return;
             }
             assert!(
-                Instant::now() < deadline,
+                started.elapsed() < patience,
                 "left behind: {}\ncontainerd log:\n{}",
                 left.join(", "),
                 self.log()
