@@ -8,6 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::fs;
 use std::process::Command;
 use std::time::Instant;
 
@@ -236,12 +237,20 @@ fn boot_id(containerd: &Containerd, id: &str, exec_id: &str) -> String {
 #[test]
 fn shim_pod_containers_share_one_vm_by_cri_annotations() {
     let containerd = Containerd::start();
-    // The CRI plugin's annotations, given by hand: a sandbox, then a container of its pod.
+    // The CRI plugin's annotations, given by hand: a sandbox, then a container of its pod. The
+    // sandbox carries the pod's resources as containerd 1.7+ does (2 CPUs, 384 MiB), which size
+    // the VM (the defaults would be 1 vCPU and 256 MiB).
     containerd.ctr_ok(&[
         "run",
         "-d",
         "--annotation",
         "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-cpu-quota=200000",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-cpu-period=100000",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-memory=402653184",
         "--runtime",
         RUNTIME,
         IMAGE,
@@ -280,6 +289,49 @@ fn shim_pod_containers_share_one_vm_by_cri_annotations() {
     assert_eq!(
         boot_id(&containerd, "pod1", "b1"),
         boot_id(&containerd, "app1", "b2")
+    );
+
+    // The VM's size: 2 vCPUs and the pod's 384 MiB plus the default 64 MiB overhead.
+    let vmm = processes_named("husk-vmm");
+    let cmdline = fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    assert_eq!(value("--vcpus").as_deref(), Some("2"), "husk-vmm {args:?}");
+    assert_eq!(
+        value("--memory-mib").as_deref(),
+        Some("448"),
+        "husk-vmm {args:?}"
+    );
+    let guest = containerd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "size",
+        "app1",
+        "sh",
+        "-c",
+        // The image has no grep: count and pick with the shell.
+        "n=0; while read -r k _; do [ \"$k\" = processor ] && n=$((n+1)); done </proc/cpuinfo; \
+         echo $n; while read -r k v _; do [ \"$k\" = MemTotal: ] && echo \"$k $v\"; done </proc/meminfo; true",
+    ]);
+    let mut lines = guest.lines();
+    assert_eq!(lines.next(), Some("2"), "guest: {guest}");
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {guest:?}"));
+    assert!(
+        (384 * 1024..=448 * 1024).contains(&mem_kib),
+        "the guest sees {mem_kib} KiB"
     );
 
     // The pod's container goes first; the VM stays for the sandbox.
