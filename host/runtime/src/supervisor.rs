@@ -657,7 +657,7 @@ fn spawn_vmm(
 }
 
 /// The last [`LOG_TAIL`] bytes of a log file, on one line.
-fn log_tail(path: &Path) -> String {
+pub fn log_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     // Only the tail is read: the log can be large (guest-triggered warnings end up in it).
     let read = || -> std::io::Result<Vec<u8>> {

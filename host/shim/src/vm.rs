@@ -14,6 +14,8 @@ use std::fs::{self, DirBuilder, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use husk_agent_protocol::agent::{CreateSandboxRequest, Storage};
@@ -88,6 +90,24 @@ pub struct Vm {
     pub vmm_pid: u32,
     /// `Some(description)` once husk-vmm has exited.
     vmm_exit: watch::Receiver<Option<String>>,
+    /// Set once the shim stops the VM itself (an exit after that is expected).
+    stopping: Arc<AtomicBool>,
+}
+
+/// husk-vmm's PID, its exit and whether the shim is stopping it.
+type Started = (u32, watch::Receiver<Option<String>>, Arc<AtomicBool>);
+
+/// Logs husk-vmm's exit while its sandbox was meant to run (a guest crash, a VMM failure, a
+/// kill from outside), with the end of its log and of the guest console: the sandbox's files
+/// are removed at teardown, so this is what is left to explain the exit.
+fn report_unexpected_exit(id: &ContainerId, files: &VmFiles, status: &str) {
+    warn!(
+        sandbox = %id,
+        %status,
+        vmm_log = %husk_runtime::supervisor::log_tail(&files.log_file),
+        console = %husk_runtime::supervisor::log_tail(&files.paths.console),
+        "husk-vmm exited while the sandbox was running"
+    );
 }
 
 /// What a VM is booted with.
@@ -124,7 +144,10 @@ impl Vm {
         let result = Self::boot_in(&spec, &files, &mut vmm_pid).await;
         if result.is_err() {
             let (pid, exit) = match vmm_pid {
-                Some((pid, exit)) => (Some(pid), Some(exit)),
+                Some((pid, exit, stopping)) => {
+                    stopping.store(true, Ordering::SeqCst);
+                    (Some(pid), Some(exit))
+                }
                 None => (None, None),
             };
             cleanup(&files, pid, exit).await;
@@ -135,7 +158,7 @@ impl Vm {
     async fn boot_in(
         spec: &BootSpec<'_>,
         files: &VmFiles,
-        started: &mut Option<(u32, watch::Receiver<Option<String>>)>,
+        started: &mut Option<Started>,
     ) -> Result<Vm> {
         share::create_share(&files.paths.shared, &HostMounter)?;
         if let Some(dir) = files.paths.console.parent() {
@@ -162,14 +185,20 @@ impl Vm {
             .map_err(ShimError::io("start", &spec.config.vmm.path))?;
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let watched = (spec.id.clone(), files.clone(), stopping.clone());
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(status) => status.to_string(),
                 Err(err) => format!("wait failed: {err}"),
             };
+            let (id, files, stopping) = watched;
+            if !stopping.load(Ordering::SeqCst) {
+                report_unexpected_exit(&id, &files, &status);
+            }
             let _ = exit_tx.send(Some(status));
         });
-        *started = Some((pid, exit_rx.clone()));
+        *started = Some((pid, exit_rx.clone(), stopping.clone()));
         fs::write(&files.pid_file, pid.to_string())
             .map_err(ShimError::io("write", &files.pid_file))?;
         info!(sandbox = %spec.id, pid, vcpus = spec.size.vcpus, memory_mib = spec.size.memory_mib, "husk-vmm started");
@@ -194,6 +223,7 @@ impl Vm {
             agent,
             vmm_pid: pid,
             vmm_exit: exit_rx,
+            stopping,
         })
     }
 
@@ -204,6 +234,7 @@ impl Vm {
 
     /// Stops the guest and husk-vmm and removes every file of the sandbox.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if self.exited().is_none() {
             let mut agent = self.agent.clone();
             agent.set_timeout(DESTROY_TIMEOUT);

@@ -68,7 +68,10 @@ impl Vcpu {
                     None
                 }
                 Ok(VcpuExit::Hlt) => Some(VmExit::Halted),
-                Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault),
+                Ok(VcpuExit::Shutdown) => {
+                    tracing::warn!("vcpu{index}: triple fault; {}", cpu_state(fd));
+                    Some(VmExit::TripleFault)
+                }
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(VmExit::SystemEvent(kind)),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::VcpuError(format!(
                     "vcpu{index}: VM entry failed (hardware reason 0x{reason:x}, cpu {cpu})"
@@ -92,5 +95,18 @@ impl Vcpu {
                 break;
             }
         }
+    }
+}
+
+/// Where a vCPU stopped, for the log of an unexpected exit (a triple fault ends `reboot=t`, but
+/// anywhere else it is a guest crash the log should explain).
+fn cpu_state(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip=0x{:x} rsp=0x{:x} rflags=0x{:x} cr0=0x{:x} cr2=0x{:x} cr3=0x{:x} cr4=0x{:x} \
+             efer=0x{:x} cs=0x{:x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
     }
 }

@@ -139,7 +139,8 @@ impl Vmm {
                     return;
                 }
                 panic!(
-                    "husk-vmm exited ({status}) before {needle:?}:\n{}",
+                    "husk-vmm exited ({status}) before {needle:?}; its stderr:\n{}\nconsole:\n{}",
+                    self.stderr(),
                     self.console_text()
                 );
             }
