@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ pub enum VsockError {
         waited_ms: u128,
         last: String,
     },
+    /// The caller stopped waiting.
+    #[error("gave up connecting to guest port {port} through {uds}")]
+    Cancelled { uds: PathBuf, port: u32 },
     /// The VMM answered something other than `OK <port>`.
     #[error("unexpected reply {reply:?} from {uds} to CONNECT {port}")]
     BadReply {
@@ -52,9 +56,26 @@ enum Attempt {
 
 /// Connects to guest `port` through the hybrid vsock socket `uds`, retrying until `timeout`.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+    connect_unless(uds, port, timeout, &AtomicBool::new(false))
+}
+
+/// [`connect`], giving up (with [`VsockError::Cancelled`]) within [`MAX_BACKOFF`] of `cancel`
+/// being set, e.g. when the VMM has exited and nothing will ever answer.
+pub fn connect_unless(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<UnixStream, VsockError> {
     let start = Instant::now();
     let mut backoff = FIRST_BACKOFF;
     loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(VsockError::Cancelled {
+                uds: uds.to_path_buf(),
+                port,
+            });
+        }
         let last = match attempt(uds, port, timeout.saturating_sub(start.elapsed())) {
             Attempt::Connected(stream) => return Ok(stream),
             Attempt::Fatal(err) => return Err(err),
@@ -189,6 +210,27 @@ mod tests {
         );
         connect(&uds, 1024, Duration::from_secs(10)).unwrap();
         assert_eq!(vmm.join().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_cancelled_wait_ends_at_once_instead_of_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("never.sock");
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&cancel);
+        let waiter = thread::spawn(move || {
+            let started = Instant::now();
+            let result = connect_unless(&uds, 1024, Duration::from_secs(600), &flag);
+            (result, started.elapsed())
+        });
+        thread::sleep(Duration::from_millis(50));
+        cancel.store(true, Ordering::SeqCst);
+        let (result, waited) = waiter.join().unwrap();
+        assert!(
+            matches!(result, Err(VsockError::Cancelled { port: 1024, .. })),
+            "{result:?}"
+        );
+        assert!(waited < Duration::from_secs(60), "waited {waited:?}");
     }
 
     #[test]

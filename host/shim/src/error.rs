@@ -46,11 +46,12 @@ pub enum ShimError {
     #[error(transparent)]
     Agent(#[from] ClientError),
     /// husk-vmm stopped before the sandbox was ready.
-    #[error("husk-vmm exited while {doing} ({status}); see {log}")]
+    /// The log is removed with the sandbox, so its end is part of the message.
+    #[error("husk-vmm exited while {doing} ({status}); its log ends with: {log_tail}")]
     VmmExited {
         doing: &'static str,
         status: String,
-        log: PathBuf,
+        log_tail: String,
     },
     /// A host file or system call failed.
     #[error("cannot {action} {path}: {source}")]

@@ -106,7 +106,7 @@ fn report_unexpected_exit(id: &ContainerId, files: &VmFiles, status: &str) {
         %status,
         vmm_log = %husk_runtime::supervisor::log_tail(&files.log_file),
         console = %husk_runtime::supervisor::log_tail(&files.paths.console),
-        "husk-vmm exited while the sandbox was running"
+        "husk-vmm exited unexpectedly"
     );
 }
 
@@ -280,13 +280,27 @@ fn vmm_args(config: &Config, size: VmSize, paths: &SandboxPaths) -> Vec<OsString
     args
 }
 
+/// Sets its flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 async fn connect_agent(
     files: &VmFiles,
     mut vmm_exit: watch::Receiver<Option<String>>,
 ) -> Result<AgentClient> {
     let uds = files.paths.vsock.clone();
-    let connect =
-        tokio::task::spawn_blocking(move || vsock::connect(&uds, AGENT_PORT, BOOT_TIMEOUT));
+    // Set when this function returns, so the blocking attempts stop with it (a shim whose VM died
+    // while booting would otherwise keep a thread, and its own exit, waiting for BOOT_TIMEOUT).
+    let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+    let cancelled = Arc::clone(&cancel.0);
+    let connect = tokio::task::spawn_blocking(move || {
+        vsock::connect_unless(&uds, AGENT_PORT, BOOT_TIMEOUT, &cancelled)
+    });
     let exited = async {
         loop {
             if let Some(status) = vmm_exit.borrow().clone() {
@@ -303,7 +317,7 @@ async fn connect_agent(
         status = exited => return Err(ShimError::VmmExited {
             doing: "booting",
             status,
-            log: files.log_file.clone(),
+            log_tail: husk_runtime::supervisor::log_tail(&files.log_file),
         }),
     };
     stream

@@ -369,7 +369,10 @@ fn latency(containerd: &Containerd, cri: &Cri, handlers: &[&str; 2], runs: usize
 
 fn main() {
     let args = parse_args();
-    let containerd = Containerd::start_with(Options { cri: true });
+    let containerd = Containerd::start_with(Options {
+        cri: true,
+        ..Options::default()
+    });
     let cri = Cri::connect(containerd.socket());
     let deadline = Instant::now() + Duration::from_secs(60);
     while cri

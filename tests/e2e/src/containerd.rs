@@ -5,7 +5,7 @@
 //! ```no_run
 //! use husk_e2e::containerd::{Containerd, Options, HUSK_RUNTIME, IMAGE};
 //!
-//! let containerd = Containerd::start(); // or Containerd::start_with(Options { cri: true })
+//! let containerd = Containerd::start(); // or Containerd::start_with(Options { cri: true, ..Options::default() })
 //! let out = containerd.ctr(&["run", "--rm", "--runtime", HUSK_RUNTIME, IMAGE, "id1", "true"]);
 //! assert!(out.status.success());
 //! containerd.assert_clean();
@@ -244,6 +244,8 @@ pub struct Options {
     /// [`RUNC_HANDLER`] ([`RUNC_RUNTIME`]), the sandbox image [`PAUSE_IMAGE`] (imported, never
     /// pulled), and CNI directories of its own that are empty (pods use the node's network).
     pub cri: bool,
+    /// The program the shim starts as husk-vmm (default: the workspace's husk-vmm).
+    pub vmm: Option<PathBuf>,
 }
 
 /// A containerd of the test's own, with the husk shim on its PATH and the busybox images
@@ -300,7 +302,7 @@ impl Containerd {
                 "[guest]\nkernel = {:?}\ninitramfs = {:?}\n[vmm]\npath = {:?}\n[console]\nlog_dir = {:?}\n",
                 guest_kernel(),
                 guest_initramfs(),
-                bins.join("husk-vmm"),
+                options.vmm.clone().unwrap_or_else(|| bins.join("husk-vmm")),
                 console_dir,
             ),
         )

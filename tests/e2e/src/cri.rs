@@ -6,7 +6,7 @@
 //! use husk_e2e::containerd::{Containerd, Options, HUSK_HANDLER, IMAGE};
 //! use husk_e2e::cri::{self, Cri};
 //!
-//! let containerd = Containerd::start_with(Options { cri: true });
+//! let containerd = Containerd::start_with(Options { cri: true, ..Options::default() });
 //! let cri = Cri::connect(containerd.socket());
 //! let pod = cri::pod_config("web", "uid-1");
 //! let pod_id = cri.run_pod_sandbox(&pod, HUSK_HANDLER).unwrap();

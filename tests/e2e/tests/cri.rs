@@ -29,7 +29,10 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let sockets_before = shim_sockets();
-        let containerd = Containerd::start_with(Options { cri: true });
+        let containerd = Containerd::start_with(Options {
+            cri: true,
+            ..Options::default()
+        });
         let cri = Cri::connect(containerd.socket());
         let version = cri.version().expect("CRI Version");
         eprintln!(
@@ -336,14 +339,33 @@ fn cri_vmm_killed_containers_exit_and_the_pod_is_removed() {
     setup.assert_nothing_left();
 }
 
+/// How the shim reports a VM that stopped before its agent answered.
+const VM_DIED_BOOTING: &str = "husk-vmm exited while booting";
+
 #[test]
 fn cri_ten_pods_in_a_row_leave_nothing_behind() {
     let setup = Setup::new();
     let started = Instant::now();
+    let mut boot_retries = 0;
     for i in 0..10 {
         let round = Instant::now();
         let pod = cri::pod_config(&format!("loop{i}"), &format!("uid-loop{i}"));
-        let pod_id = setup.run_pod(&pod);
+        let pod_id = match setup.cri.run_pod_sandbox(&pod, HUSK_HANDLER) {
+            Ok(id) => id,
+            // As kubelet would, a pod whose VM died while booting is created again, once per pod
+            // and at most twice in the loop: the test host's nested SVM sometimes crashes a guest
+            // early in boot (tests/testhost/README.md). The failed attempt must leave nothing.
+            Err(e) if e.message().contains(VM_DIED_BOOTING) && boot_retries < 2 => {
+                boot_retries += 1;
+                eprintln!(
+                    "pod {i}: RETRYING RunPodSandbox once: its VM died while booting: {}",
+                    e.message()
+                );
+                setup.assert_nothing_left();
+                setup.run_pod(&pod)
+            }
+            Err(e) => setup.fail("RunPodSandbox", &e),
+        };
         let config = cri::container_config("app", IMAGE, &["sleep", "100000"]);
         let id = setup.start_container(&pod_id, &pod, &config);
         let (code, out, err) = setup.exec(&id, &["echo", "alive"]);
@@ -352,5 +374,8 @@ fn cri_ten_pods_in_a_row_leave_nothing_behind() {
         setup.assert_nothing_left();
         eprintln!("pod {i}: {:?}", round.elapsed());
     }
-    eprintln!("10 pods: {:?}", started.elapsed());
+    eprintln!(
+        "10 pods: {:?} ({boot_retries} created again after their VM died while booting)",
+        started.elapsed()
+    );
 }

@@ -17,9 +17,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_e2e::containerd::{
-    describe, processes_named, shim_sockets, Containerd, HUSK_RUNTIME, IMAGE, SHIM,
+    describe, processes_named, shim_sockets, Containerd, Options, HUSK_RUNTIME, IMAGE, SHIM,
 };
-use husk_e2e::Watched;
+use husk_e2e::{TempDir, Watched};
 
 /// A `binary://` logging program: stdout (fd 3) and stderr (fd 4) to files, its arguments and
 /// environment to a third, ready (fd 5 closed) first so that no child inherits fd 5.
@@ -470,5 +470,40 @@ fn shim_killed_shim_is_cleaned_up_by_the_delete_command() {
         eprintln!("ctr task delete: {}", describe(&out));
     }
     containerd.ctr_ok(&["container", "delete", "orphan"]);
+    containerd.assert_nothing_left(&sockets_before);
+}
+
+#[test]
+fn shim_vmm_dying_while_booting_fails_the_task_with_its_log_and_leaves_nothing() {
+    // A "husk-vmm" that says why it stops and exits at once, as a VMM whose guest crashed early
+    // in boot would: the task fails with the end of that log (the log itself is removed).
+    let dir = TempDir::new("dying-vmm");
+    let vmm = dir.path().join("husk-vmm");
+    fs::write(
+        &vmm,
+        "#!/bin/sh\necho 'vcpu0: triple fault (fake husk-vmm)' >&2\nexit 0\n",
+    )
+    .expect("write the fake husk-vmm");
+    fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let containerd = Containerd::start_with(Options {
+        vmm: Some(vmm),
+        ..Options::default()
+    });
+    let sockets_before = shim_sockets();
+    let out = containerd.ctr(&["run", "--runtime", HUSK_RUNTIME, IMAGE, "doomed", "true"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("husk-vmm exited while booting (exit status: 0)")
+            && stderr.contains("vcpu0: triple fault (fake husk-vmm)"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        containerd.log().contains("husk-vmm exited unexpectedly"),
+        "the shim does not log the unexpected exit\ncontainerd log:\n{}",
+        containerd.log()
+    );
+    let _ = containerd.ctr(&["container", "delete", "doomed"]);
     containerd.assert_nothing_left(&sockets_before);
 }
