@@ -101,6 +101,47 @@ fn realtime(name: &str) -> Option<i32> {
     (SIGRTMIN..=SIGRTMAX).contains(&number).then_some(number)
 }
 
+/// The signals a foreground `run` or `exec` passes on to its process in the guest: those sent to
+/// stop or poke a process (TERM, INT, HUP, QUIT, USR1, USR2), as runc does.
+pub const FORWARDED: [i32; 6] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGTERM,
+];
+
+/// Receives the [`FORWARDED`] signals instead of letting them end this process. Needs a tokio
+/// runtime with signal handling.
+pub struct Forwarded {
+    streams: Vec<(i32, tokio::signal::unix::Signal)>,
+}
+
+impl Forwarded {
+    pub fn new() -> std::io::Result<Forwarded> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut streams = Vec::new();
+        for number in FORWARDED {
+            streams.push((number, signal(SignalKind::from_raw(number))?));
+        }
+        Ok(Forwarded { streams })
+    }
+
+    /// The next signal received (its number).
+    pub async fn recv(&mut self) -> u32 {
+        std::future::poll_fn(|cx| {
+            for (number, stream) in &mut self.streams {
+                if stream.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(number.unsigned_abs());
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

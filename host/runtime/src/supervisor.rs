@@ -104,9 +104,9 @@ pub enum SupervisorError {
     /// The supervisor reported a failure to `create`.
     #[error("{message}")]
     Reported { status: u8, message: String },
-    /// The supervisor ended without answering.
-    #[error("the sandbox supervisor ended without an answer ({0}); see the log")]
-    NoAnswer(String),
+    /// The supervisor (or another helper, named) ended without answering.
+    #[error("{0} ended without an answer ({1}); see the log")]
+    NoAnswer(&'static str, String),
 }
 
 impl SupervisorError {
@@ -231,8 +231,8 @@ pub struct Launch<'a> {
     pub console_socket: Option<&'a Path>,
 }
 
-/// The global flags, repeated for the supervisor.
-fn global_args(cli: &Cli) -> Vec<OsString> {
+/// The global flags, repeated for the supervisor (and the detached exec relay).
+pub(crate) fn global_args(cli: &Cli) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--root".into(), cli.root().into()];
     if let Some(log) = &cli.log {
         args.push("--log".into());
@@ -267,20 +267,17 @@ fn global_args(cli: &Cli) -> Vec<OsString> {
     args
 }
 
+/// A command running this husk binary (for its hidden helpers).
+pub(crate) fn husk_command(what: &'static str) -> Result<Command, SupervisorError> {
+    let exe = std::env::current_exe().map_err(|source| SupervisorError::Spawn { what, source })?;
+    Ok(Command::new(exe))
+}
+
 /// Starts the supervisor (in a new session, its answer pipe on [`ANSWER_FD`]) and waits for its
 /// answer. On success the supervisor runs on, holding the sandbox; on failure it has already
 /// undone what it did and is reaped here.
 pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
-    let exe = std::env::current_exe().map_err(|source| SupervisorError::Spawn {
-        what: "the sandbox supervisor (no path to husk)",
-        source,
-    })?;
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SupervisorError::Spawn {
-            what: "the sandbox supervisor (pipe)",
-            source: e.into(),
-        })?;
-    let mut command = Command::new(exe);
+    let mut command = husk_command("the sandbox supervisor (no path to husk)")?;
     command
         .args(global_args(cli))
         .arg("sandbox-supervisor")
@@ -295,6 +292,21 @@ pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
             .stderr(Stdio::null());
     }
     command.arg(launch.id.as_str());
+    spawn_answering(command, "the sandbox supervisor")
+}
+
+/// Starts `command` (a husk helper) in a new session with the write end of a pipe on its
+/// [`ANSWER_FD`], and waits for its answer (see the module documentation). On success the helper
+/// runs on; on failure, or when it ends without an answer, it is reaped here.
+pub(crate) fn spawn_answering(
+    mut command: Command,
+    what: &'static str,
+) -> Result<Child, SupervisorError> {
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SupervisorError::Spawn {
+            what,
+            source: e.into(),
+        })?;
     let answer_raw = write_end.as_raw_fd();
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (dup2, fcntl, setsid) on integers; it allocates nothing.
@@ -314,10 +326,9 @@ pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|source| SupervisorError::Spawn {
-        what: "the sandbox supervisor",
-        source,
-    })?;
+    let mut child = command
+        .spawn()
+        .map_err(|source| SupervisorError::Spawn { what, source })?;
     drop(write_end);
     let answer = read_answer(File::from(read_end));
     match answer {
@@ -331,12 +342,12 @@ pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
                 .wait()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string());
-            Err(SupervisorError::NoAnswer(status))
+            Err(SupervisorError::NoAnswer(what, status))
         }
         Err(err) => {
             let _ = child.kill();
             let _ = child.wait();
-            Err(SupervisorError::NoAnswer(err.to_string()))
+            Err(SupervisorError::NoAnswer(what, err.to_string()))
         }
     }
 }
@@ -365,12 +376,24 @@ pub fn parse_answer(text: &str) -> Option<Result<(), SupervisorError>> {
 pub fn format_answer(result: &Result<(), SupervisorError>) -> String {
     match result {
         Ok(()) => "ok\n".to_owned(),
-        Err(err) => format!("error {}\n{err}\n", err.exit_code()),
+        Err(err) => error_answer(err.exit_code(), err),
+    }
+}
+
+/// The answer for a failure with exit status `status`.
+pub(crate) fn error_answer(status: u8, message: &dyn std::fmt::Display) -> String {
+    format!("error {status}\n{message}\n")
+}
+
+/// Writes `text` to the answer pipe, once: later answers go nowhere.
+pub(crate) fn write_answer(answer: &mut Option<File>, text: &str) {
+    if let Some(mut pipe) = answer.take() {
+        let _ = pipe.write_all(text.as_bytes());
     }
 }
 
 /// Takes the answer pipe at [`ANSWER_FD`] (made close-on-exec so husk-vmm does not inherit it).
-fn take_answer_fd() -> Option<File> {
+pub(crate) fn take_answer_fd() -> Option<File> {
     // SAFETY: F_GETFD on an integer fd only queries it; no memory is involved.
     if unsafe { libc::fcntl(ANSWER_FD, libc::F_GETFD) } < 0 {
         return None;
@@ -421,9 +444,7 @@ fn send_answer(answer: &mut Option<File>, result: &Result<(), SupervisorError>) 
     if let Err(err) = result {
         tracing::error!("{err}");
     }
-    if let Some(mut pipe) = answer.take() {
-        let _ = pipe.write_all(format_answer(result).as_bytes());
-    }
+    write_answer(answer, &format_answer(result));
 }
 
 /// How supervision ended.

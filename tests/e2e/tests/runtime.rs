@@ -276,6 +276,17 @@ impl Husk {
 }
 
 /// Processes whose command line mentions `needle` (other than this test).
+/// Whether `pid` is a live process (not gone, not a zombie waiting for its reaper).
+fn process_runs(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
 fn processes_naming(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     let me = std::process::id().to_string();
@@ -306,20 +317,42 @@ fn host_kernel() -> String {
 }
 
 #[test]
-fn run_prints_the_output_of_a_guest_kernel_and_exits_with_the_process_status() {
+fn run_prints_the_output_of_a_guest_kernel_passes_signals_on_and_exits_with_the_process_status() {
     let husk = Husk::new("run");
+    // The process ends when the SIGTERM sent to `husk run` reaches it.
     let bundle = husk.bundle(
         "b",
         &[
             "sh",
             "-c",
-            "echo hello from husk; uname -r; echo to-stderr >&2; exit 3",
+            "trap 'echo got TERM; exit 3' TERM; echo hello from husk; uname -r; echo to-stderr >&2; \
+             while true; do sleep 1; done",
         ],
         |_| {},
     );
     let started = Instant::now();
-    let out = husk.run(&["run", "--bundle", bundle.to_str().unwrap(), "c1"]);
-    eprintln!("husk run took {:?}", started.elapsed());
+    let stdout_path = husk.dir.path().join("run.stdout");
+    let stderr_path = husk.dir.path().join("run.stderr");
+    let mut child = husk
+        .command()
+        .args(["run", "--bundle", bundle.to_str().unwrap(), "c1"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("husk run");
+    wait_for_text(&stderr_path, "to-stderr", BOOT);
+    eprintln!("husk run's process was up after {:?}", started.elapsed());
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) with a PID and a signal number; no memory is involved.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM to husk run");
+    let status = child.wait().expect("wait husk run");
+    let out = Output {
+        status,
+        stdout: fs::read(&stdout_path).unwrap_or_default(),
+        stderr: fs::read(&stderr_path).unwrap_or_default(),
+    };
     assert_eq!(out.status.code(), Some(3), "{}", husk.explain(&out));
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -330,11 +363,7 @@ fn run_prints_the_output_of_a_guest_kernel_and_exits_with_the_process_status() {
         host_kernel(),
         "the container must run on the guest's kernel"
     );
-    assert!(
-        text(&out.stderr).contains("to-stderr"),
-        "{}",
-        husk.explain(&out)
-    );
+    assert_eq!(lines.get(2), Some(&"got TERM"), "{stdout}");
     husk.assert_clean();
 }
 
@@ -435,6 +464,77 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped through\n").unwrap();
     let out = child.wait_with_output().expect("exec tr output");
     assert_eq!(text(&out.stdout), "PIPED THROUGH\n");
+
+    // A signal to `husk exec` reaches the exec'd process in the guest (its trap runs).
+    let exec_out = husk.dir.path().join("exec-trap.stdout");
+    let mut child = husk
+        .command()
+        .args(["exec", "c1", "sh", "-c"])
+        .arg(
+            "trap 'echo exec got TERM; exit 7' TERM; echo exec-ready; while true; do sleep 1; done",
+        )
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&exec_out).expect("exec stdout file"))
+        .spawn()
+        .expect("exec trap");
+    wait_for_text(&exec_out, "exec-ready", Duration::from_secs(60));
+    let exec_pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) with a PID and a signal number; no memory is involved.
+    let rc = unsafe { libc::kill(exec_pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "SIGTERM to exec");
+    let status = child.wait().expect("wait exec");
+    let exec_text = fs::read_to_string(&exec_out).unwrap_or_default();
+    assert_eq!(status.code(), Some(7), "{exec_text}\n{}", husk.logs());
+    assert!(exec_text.contains("exec got TERM"), "{exec_text}");
+
+    // exec --detach: returns once the process runs; the relay named by --pid-file carries its
+    // output and ends with it.
+    let pid_file = husk.dir.path().join("exec.pid");
+    let (out, detached_out) = husk.detached(
+        "exec-detach",
+        &[
+            "exec",
+            "--detach",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c1",
+            "sh",
+            "-c",
+            "echo detached-start; sleep 3; echo detached-done",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "exec --detach: {}",
+        husk.explain(&out)
+    );
+    let relay: i32 = fs::read_to_string(&pid_file)
+        .expect("exec --detach writes the pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        !fs::read_to_string(&detached_out)
+            .unwrap_or_default()
+            .contains("detached-done"),
+        "exec --detach returned only after the process ended"
+    );
+    wait_for_text(&detached_out, "detached-done", Duration::from_secs(60));
+    let start = Instant::now();
+    while process_runs(relay) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the relay {relay} outlived its process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = husk.run(&["exec", "--detach", "c1"]);
+    assert!(!out.status.success(), "exec --detach without a command");
+    assert!(
+        text(&out.stderr).contains("COMMAND"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // ps: the processes of the container.
     let out = husk.run(&["ps", "--format", "json", "c1"]);
@@ -850,6 +950,34 @@ fn podman_runs_containers_with_husk() {
     .expect("podman run");
     assert_eq!(out.status.code(), Some(3), "{}", husk.explain(&out));
     assert_ne!(text(&out.stdout).trim(), host_kernel());
+
+    // podman exec: conmon runs `husk exec --detach --pid-file F --process P [--tty
+    // --console-socket S]` and waits for the PID in F (husk's relay) to learn the exit status.
+    let podman = |args: &[&str]| podman_cmd(args).output().expect("run podman");
+    let detached = ["run", "-d", "--name", "husk-exec", "--network", "none"];
+    let out = podman(&[&detached[..], &["localhost/husk-busybox", "sleep", "600"]].concat());
+    assert!(out.status.success(), "run -d: {}", husk.explain(&out));
+    let out = podman(&[
+        "exec",
+        "husk-exec",
+        "sh",
+        "-c",
+        "echo in-$((1 + 1)); exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "exec: {}", husk.explain(&out));
+    assert_eq!(text(&out.stdout), "in-2\n");
+    let out = podman(&[
+        "exec",
+        "-t",
+        "husk-exec",
+        "sh",
+        "-c",
+        "test -t 1 && echo a-tty",
+    ]);
+    assert!(out.status.success(), "exec -t: {}", husk.explain(&out));
+    assert_eq!(text(&out.stdout), "a-tty\r\n");
+    let out = podman(&["rm", "-f", "-t", "0", "husk-exec"]);
+    assert!(out.status.success(), "rm -f: {}", husk.explain(&out));
 
     let out = podman_cmd(&["ps", "-a", "-q"]).output().expect("podman ps");
     assert_eq!(text(&out.stdout), "", "podman has no container left");

@@ -1,7 +1,19 @@
-//! `husk exec [-t] [--process F | ID COMMAND...]`: runs a new process in a running container and
-//! exits with its status (128 + N when signal N ended it), as `runc exec`.
+//! `husk exec [-t] [-d] [--process F | ID COMMAND...]`: runs a new process in a running container
+//! and exits with its status (128 + N when signal N ended it), as `runc exec`. The signals a
+//! shell or an engine sends to stop a process (TERM, INT, HUP, QUIT, USR1, USR2) are passed on
+//! to it in the guest.
+//!
+//! The process lives in the microVM, so with `--detach` a host process stands for it, as the
+//! sandbox supervisor does for a container: a relay (this binary again, hidden flag `--relay`,
+//! in a session of its own) starts the process, answers on a pipe (see `crate::supervisor`),
+//! then carries its I/O and exits with its status. `exec --detach` returns once the process
+//! runs and writes the relay's PID to `--pid-file`: that PID is what engines such as conmon
+//! (podman exec) wait for and signal.
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use oci_spec::runtime::{Process, ProcessBuilder, User};
@@ -15,7 +27,9 @@ use crate::exit;
 use crate::id::ContainerId;
 use crate::lifecycle::Operation;
 use crate::relay::{self, HostStdio};
+use crate::signal;
 use crate::store::write_pid_file;
+use crate::supervisor;
 
 /// Arguments of `husk exec`.
 #[derive(Debug, clap::Args)]
@@ -41,10 +55,13 @@ pub struct Args {
     /// The user as UID[:GID].
     #[arg(long, short = 'u', value_name = "UID[:GID]")]
     pub user: Option<String>,
-    /// Not supported: the exec'd process lives in the guest, where no host process can wait for
-    /// it.
+    /// Return once the process runs; a relay process (its PID goes to --pid-file) carries its
+    /// I/O and exits with its status.
     #[arg(long, short = 'd')]
     pub detach: bool,
+    /// Internal: this is the relay of a detached exec (answers on fd 3).
+    #[arg(long, hide = true)]
+    pub relay: bool,
     /// The container's ID.
     #[arg(value_name = "ID")]
     pub id: String,
@@ -143,12 +160,83 @@ fn exec_id() -> String {
 
 /// Runs `husk exec`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
-    let id = ContainerId::new(&args.id)?;
-    if args.detach {
-        return Err(unsupported(
-            "exec --detach: the process runs in the microVM; run exec in the foreground".into(),
-        ));
+    if args.detach && !args.relay {
+        return detach(cli, args);
     }
+    let mut answer = if args.relay {
+        supervisor::take_answer_fd()
+    } else {
+        None
+    };
+    let result = exec(cli, args, &mut answer);
+    if let Err(err) = &result {
+        supervisor::write_answer(&mut answer, &supervisor::error_answer(err.exit_code(), err));
+    }
+    result
+}
+
+/// `exec --detach`: starts the relay with the same request and waits for its answer.
+fn detach(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
+    // Checked here too, so that a bad ID or state fails before any process is started.
+    let id = ContainerId::new(&args.id)?;
+    Locked::acquire(cli, &id)?.check(Operation::Exec)?;
+    let mut command = supervisor::husk_command("the exec relay (no path to husk)")?;
+    command
+        .args(supervisor::global_args(cli))
+        .args(relay_args(args));
+    if args.console_socket.is_some() {
+        // The process's stdio is the terminal; the relay needs none of its own.
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+    let relay = supervisor::spawn_answering(command, "the exec relay")?;
+    tracing::debug!(pid = relay.id(), "{id}: exec relay started");
+    if let Some(pid_file) = &args.pid_file {
+        write_pid_file(pid_file, i32::try_from(relay.id()).unwrap_or(0))?;
+    }
+    // The relay runs on by itself (reaped by whoever inherits it: an engine's subreaper).
+    Ok(0)
+}
+
+/// The relay's verb and arguments: the same request, without --detach and --pid-file.
+fn relay_args(args: &Args) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec!["exec".into(), "--relay".into()];
+    let mut flag = |name: &str, value: OsString| {
+        out.push(name.into());
+        out.push(value);
+    };
+    if let Some(process) = &args.process {
+        flag("--process", process.into());
+    }
+    if let Some(socket) = &args.console_socket {
+        flag("--console-socket", socket.into());
+    }
+    for env in &args.env {
+        flag("--env", env.into());
+    }
+    if let Some(cwd) = &args.cwd {
+        flag("--cwd", cwd.into());
+    }
+    if let Some(user) = &args.user {
+        flag("--user", user.into());
+    }
+    if args.tty {
+        out.push("--tty".into());
+    }
+    out.push(args.id.clone().into());
+    if !args.command.is_empty() {
+        out.push("--".into());
+        out.extend(args.command.iter().map(OsString::from));
+    }
+    out
+}
+
+/// Runs the process and relays its I/O until it ends. With `answer` (the relay of a detached
+/// exec), `ok` is written there once the process runs and its terminal has been handed over.
+fn exec(cli: &Cli, args: &Args, answer: &mut Option<File>) -> Result<u8, CommandError> {
+    let id = ContainerId::new(&args.id)?;
     let (vsock, spec) = {
         // The lock is held only to check; the process may run for long.
         let container = Locked::acquire(cli, &id)?;
@@ -172,19 +260,40 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let rt = agent::runtime()?;
     let exec = exec_id();
     let status = rt.block_on(async {
+        let mut signals = signal::Forwarded::new()
+            .map_err(|e| unsupported(format!("cannot handle signals: {e}")))?;
         let client = agent::connect(&vsock, agent::CONNECT_TIMEOUT).await?;
         client.exec_process(id.as_str(), &exec, &json).await?;
         let stdio = if terminal {
-            relay::terminal(args.console_socket.as_deref(), None)
-                .map_err(|e| unsupported(e.to_string()))?
+            match relay::terminal(args.console_socket.as_deref(), None) {
+                Ok(stdio) => stdio,
+                Err(err) => {
+                    // Nobody would see the process or end it: end it now.
+                    let sigkill = libc::SIGKILL.unsigned_abs();
+                    let _ = client
+                        .signal_process(id.as_str(), &exec, sigkill, false)
+                        .await;
+                    return Err(unsupported(err.to_string()));
+                }
+            }
         } else {
             HostStdio::Inherited
         };
         let attached = relay::attach(&client, id.as_str(), &exec, stdio);
-        let status = client
-            .wait_process(id.as_str(), &exec)
-            .await
-            .map_err(AgentError::from);
+        supervisor::write_answer(answer, "ok\n");
+        let waited = client.wait_process(id.as_str(), &exec);
+        tokio::pin!(waited);
+        let status = loop {
+            tokio::select! {
+                status = &mut waited => break status.map_err(AgentError::from),
+                signal = signals.recv() => {
+                    tracing::debug!(signal, "{id}: passing a signal on to exec {exec}");
+                    if let Err(err) = client.signal_process(id.as_str(), &exec, signal, false).await {
+                        tracing::warn!("{id}: cannot pass signal {signal} on to exec {exec}: {err}");
+                    }
+                }
+            }
+        };
         attached.finish(status.is_ok()).await;
         Ok::<_, CommandError>(status?)
     });
@@ -248,6 +357,41 @@ mod tests {
         assert!(process(&args(&["--cwd", "rel", "c1", "id"]), None).is_err());
         assert!(process(&args(&["-e", "NOEQUALS", "c1", "id"]), None).is_err());
         assert!(process(&args(&["-u", "root", "c1", "id"]), None).is_err());
+    }
+
+    #[test]
+    fn the_relay_gets_the_same_request_without_detach_and_pid_file() {
+        let a = args(&[
+            "-d",
+            "--pid-file",
+            "/run/p",
+            "-t",
+            "--console-socket",
+            "/run/s",
+            "-e",
+            "A=1",
+            "--cwd",
+            "/w",
+            "-u",
+            "1:2",
+            "c1",
+            "sh",
+            "-c",
+            "--not-a-flag",
+        ]);
+        let relayed = relay_args(&a);
+        assert_eq!(relayed[..2], ["exec", "--relay"]);
+        let line: Vec<&str> = relayed[1..].iter().map(|a| a.to_str().unwrap()).collect();
+        let again = args(&line);
+        assert!(again.relay && !again.detach && again.pid_file.is_none());
+        assert!(again.tty);
+        assert_eq!(again.console_socket, a.console_socket);
+        assert_eq!((again.env, again.cwd, again.user), (a.env, a.cwd, a.user));
+        assert_eq!(again.id, "c1");
+        assert_eq!(again.command, ["sh", "-c", "--not-a-flag"]);
+
+        let from_file = relay_args(&args(&["-d", "--process", "p.json", "c1"]));
+        assert_eq!(from_file, ["exec", "--relay", "--process", "p.json", "c1"]);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `husk run --bundle DIR [-d] ID`: `create` + `start`; without `--detach`, waits for the
 //! container's process, deletes the container (unless `--keep`) and exits with the process's
-//! status (128 + N when signal N ended it), as `runc run`.
+//! status (128 + N when signal N ended it), as `runc run`. In the foreground, the signals that
+//! stop a process (see [`signal::FORWARDED`]) are passed on to the container's process, as runc
+//! does; the container's init, as any PID 1, only receives those it handles.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
 
 use super::create::check_preserve_fds;
 use super::CommandError;
@@ -11,6 +14,7 @@ use crate::cli::Cli;
 use crate::container::{self, CreateRequest, Locked};
 use crate::exit;
 use crate::id::ContainerId;
+use crate::{agent, signal};
 
 /// Arguments of `husk run`.
 #[derive(Debug, clap::Args)]
@@ -71,12 +75,12 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
         let _ = supervisor.wait();
         return Err(err);
     }
+    let vsock = locked.vsock();
     drop(locked);
     if args.detach {
         return Ok(exit::SUCCESS);
     }
-    let status = supervisor
-        .wait()
+    let status = wait_passing_signals_on(&id, &vsock, supervisor)
         .map_err(|e| CommandError::Output(std::io::Error::other(e)))?;
     if !args.keep {
         match Locked::acquire(cli, &id) {
@@ -94,4 +98,42 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
         (None, None) => i32::from(exit::FAILURE),
     };
     Ok(u8::try_from(code & 0xff).unwrap_or(exit::FAILURE))
+}
+
+/// Waits for the supervisor (the container's process, as seen on the host), passing the
+/// [`signal::FORWARDED`] signals this process receives on to the container's process.
+fn wait_passing_signals_on(
+    id: &ContainerId,
+    vsock: &Path,
+    supervisor: Child,
+) -> std::io::Result<ExitStatus> {
+    let rt = agent::runtime().map_err(std::io::Error::other)?;
+    let status = rt.block_on(async {
+        let mut signals = signal::Forwarded::new()?;
+        let mut supervisor = supervisor;
+        let waited = tokio::task::spawn_blocking(move || supervisor.wait());
+        tokio::pin!(waited);
+        let mut client = None;
+        loop {
+            tokio::select! {
+                status = &mut waited => break status.map_err(std::io::Error::other)?,
+                number = signals.recv() => {
+                    tracing::debug!(signal = number, "{id}: passing a signal on to the container");
+                    if client.is_none() {
+                        match agent::connect(vsock, agent::CONNECT_TIMEOUT).await {
+                            Ok(c) => client = Some(c),
+                            Err(err) => tracing::warn!("{id}: cannot pass signal {number} on: {err}"),
+                        }
+                    }
+                    if let Some(c) = &client {
+                        if let Err(err) = c.signal_process(id.as_str(), "", number, false).await {
+                            tracing::warn!("{id}: cannot pass signal {number} on: {err}");
+                        }
+                    }
+                }
+            }
+        }
+    });
+    rt.shutdown_background();
+    status
 }
