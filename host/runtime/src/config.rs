@@ -124,6 +124,7 @@ struct FileVm {
 struct FileConsole {
     log_dir: Option<PathBuf>,
     max_bytes: Option<u64>,
+    kernel_messages: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +186,10 @@ pub struct ConsoleConfig {
     /// Size cap of one console log in bytes (husk-vmm `--console-max-bytes`); output beyond
     /// it is discarded, so a guest printing forever cannot fill the disk.
     pub max_bytes: u64,
+    /// Whether the guest kernel prints its boot messages to the console. Off by default: the
+    /// kernel boots with `quiet` (warnings, errors and panics still reach the log), because
+    /// every byte on the serial console is a VM exit and the messages are most of a boot's.
+    pub kernel_messages: bool,
 }
 
 /// `[limits]`: bounds on what a spec may ask for.
@@ -457,7 +462,11 @@ fn resolve(
         guest: GuestConfig { kernel, initramfs },
         vmm: VmmConfig { path: vmm },
         vm,
-        console: ConsoleConfig { log_dir, max_bytes },
+        console: ConsoleConfig {
+            log_dir,
+            max_bytes,
+            kernel_messages: file.console.kernel_messages.unwrap_or(false),
+        },
         limits,
         origin,
     })
@@ -530,7 +539,7 @@ mod tests {
         let config = resolve_text(
             "[guest]\nkernel = \"/k\"\ninitramfs = \"/i\"\n[vmm]\npath = \"/v\"\n\
              [vm]\nvcpus = 2\nmemory_mib = 512\nmemory_overhead_mib = 32\n\
-             [console]\nlog_dir = \"/l\"\nmax_bytes = 1048576\n[limits]\nmax_vcpus = 4\nmin_memory_mib = 64\nmax_memory_mib = 1024\n",
+             [console]\nlog_dir = \"/l\"\nmax_bytes = 1048576\nkernel_messages = true\n[limits]\nmax_vcpus = 4\nmin_memory_mib = 64\nmax_memory_mib = 1024\n",
         )
         .unwrap();
         assert_eq!(config.guest.kernel, Path::new("/k"));
@@ -546,6 +555,7 @@ mod tests {
         );
         assert_eq!(config.console.log_dir, Path::new("/l"));
         assert_eq!(config.console.max_bytes, 1_048_576);
+        assert!(config.console.kernel_messages);
         assert_eq!(
             config.limits,
             Limits {

@@ -113,7 +113,15 @@ pub fn vmm_args(config: &Config, size: VmSize, paths: &SandboxPaths) -> Vec<OsSt
     fs.push(format!(",tag={SHARE_TAG}"));
     push("--fs", fs);
     push("--guest-cid", GUEST_CID.to_string().into());
-    push("--cmdline", format!("husk.agent_port={AGENT_PORT}").into());
+    let quiet = if config.console.kernel_messages {
+        ""
+    } else {
+        " quiet"
+    };
+    push(
+        "--cmdline",
+        format!("husk.agent_port={AGENT_PORT}{quiet}").into(),
+    );
     args
 }
 
@@ -208,12 +216,20 @@ mod tests {
                 "--guest-cid",
                 "3",
                 "--cmdline",
-                "husk.agent_port=1024",
+                "husk.agent_port=1024 quiet",
             ]
         );
         assert_eq!(
             vmm_command(&config, size, &paths).get_program(),
             "/usr/bin/husk-vmm"
+        );
+        // With console.kernel_messages the kernel is not quiet.
+        let mut loud = config.clone();
+        loud.console.kernel_messages = true;
+        let args = vmm_args(&loud, size, &paths);
+        assert_eq!(
+            args.last().map(|a| a.to_str().unwrap()),
+            Some("husk.agent_port=1024")
         );
     }
 }
