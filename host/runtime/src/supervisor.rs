@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -398,11 +398,18 @@ pub(crate) fn take_answer_fd() -> Option<File> {
     if unsafe { libc::fcntl(ANSWER_FD, libc::F_GETFD) } < 0 {
         return None;
     }
+    // Only a pipe is an answer pipe: a helper verb started by hand with some other fd 3 (a file
+    // a shell opened) leaves it alone.
+    // SAFETY: fd 3 is open (checked above); the borrow ends with this statement.
+    let stat = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(ANSWER_FD) }).ok()?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return None;
+    }
     // SAFETY: as above, setting FD_CLOEXEC on the same fd.
     if unsafe { libc::fcntl(ANSWER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return None;
     }
-    // SAFETY: fd 3 is open (checked above) and was placed there by `spawn` for this purpose;
+    // SAFETY: fd 3 is an open pipe (checked above) placed there by `spawn` for this purpose;
     // nothing else in this process owns it, so ownership moves into the File.
     Some(File::from(unsafe { OwnedFd::from_raw_fd(ANSWER_FD) }))
 }
