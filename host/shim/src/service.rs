@@ -52,7 +52,16 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
 struct State {
     vm: Option<Arc<Vm>>,
     containers: HashMap<String, Container>,
+    /// containerd sent Shutdown while tasks were left. containerd 1.x sends one after every
+    /// task's Delete; containerd 2.x sends it after the sandbox's only (a pod's containers are
+    /// deleted later, with no Shutdown of their own), so the shim must then end by itself once
+    /// its last task is gone.
+    shutdown_requested: bool,
 }
+
+/// How long the shim waits, once its last task is deleted after an earlier Shutdown, for the
+/// Shutdown containerd 1.x sends next, before it exits on its own.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// The Task service of one shim.
 #[derive(Clone)]
@@ -82,6 +91,7 @@ impl Service {
             state: Arc::new(Mutex::new(State {
                 vm: None,
                 containers: HashMap::new(),
+                shutdown_requested: false,
             })),
             publisher: Arc::new(publisher),
             namespace,
@@ -508,6 +518,14 @@ impl Service {
                 }
             }
         }
+        if state.containers.is_empty() && state.shutdown_requested {
+            let exit = self.exit.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                info!("last task deleted after a Shutdown: exiting");
+                exit.signal();
+            });
+        }
         let exit = exit.unwrap_or(Exit {
             status: VM_GONE_STATUS,
             at: SystemTime::now(),
@@ -917,10 +935,16 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
         if state.containers.is_empty() {
             info!("Shutdown: no task left, exiting");
             self.exit.signal();
+        } else {
+            info!(
+                tasks = state.containers.len(),
+                "Shutdown: tasks left, exiting once the last is deleted"
+            );
+            state.shutdown_requested = true;
         }
         Ok(api::Empty::default())
     }

@@ -1,6 +1,6 @@
-//! The shim's process-level commands (containerd's shim v2 protocol): `start` (spawn or reuse
-//! the shim of the container's group and print its address) and `delete` (clean up after a
-//! shim that died), and the long-lived server's task service.
+//! The shim's process-level commands (containerd's shim v2 protocol) as containerd-shim runs
+//! them: `delete` (clean up after a shim that died) and the long-lived server's task service;
+//! `start` is in start.rs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::asynchronous::{ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
@@ -16,9 +16,8 @@ use containerd_shim::{Config, Error, Flags, StartOpts};
 use husk_runtime::id::ContainerId;
 use tracing::warn;
 
-use crate::pod;
 use crate::service::Service;
-use crate::vm;
+use crate::{start, vm};
 
 /// Removes the socket named by the bundle's `address` file when no shim listens on it any more
 /// (a shim that was killed leaves it; the crate removes it only at a clean exit).
@@ -71,18 +70,21 @@ impl Shim for HuskShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        // containerd runs `start` in the bundle directory.
-        let grouping = match husk_runtime::bundle::load(Path::new(".")) {
-            Ok(bundle) => pod::grouping(&bundle.spec, &opts.id),
-            Err(err) => {
-                warn!(%err, "cannot read the bundle; the task gets a shim of its own");
-                opts.id.clone()
-            }
+        // main.rs answers `start` itself (both of containerd's start protocols); this is the
+        // same path for the flag protocol, should the crate ever call it.
+        let request = start::StartRequest {
+            protocol: start::Protocol::Flags,
+            id: opts.id,
+            namespace: opts.namespace,
+            grpc_address: opts.address,
+            ttrpc_address: opts.ttrpc_address,
+            debug: opts.debug,
+            socket_dir: None,
+            options_type: None,
         };
-        let address = spawn(opts, &grouping, Vec::new()).await?;
-        std::fs::write("address", &address)
-            .map_err(|e| Error::Other(format!("cannot write the address file: {e}")))?;
-        Ok(address)
+        start::serve(&request)
+            .await
+            .map_err(|e| Error::Other(e.to_string()))
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
