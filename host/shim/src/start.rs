@@ -124,7 +124,9 @@ impl StartRequest {
                     protocol: Protocol::Bootstrap,
                     grpc_address: non_empty(params.containerd_grpc_address)
                         .unwrap_or_else(|| flags.address.clone()),
+                    // containerd-shim's event publisher takes a socket path, not a URL.
                     ttrpc_address: non_empty(params.containerd_ttrpc_address)
+                        .map(|a| a.strip_prefix("unix://").map(str::to_owned).unwrap_or(a))
                         .or(ttrpc_env)
                         .ok_or(StartError::NoTtrpcAddress)?,
                     socket_dir: params.socket_dir.or(socket_dir_env),
@@ -330,8 +332,8 @@ mod tests {
         assert_eq!(request.namespace, "default");
         assert_eq!(request.grpc_address, "/run/containerd/containerd.sock");
         assert_eq!(
-            request.ttrpc_address,
-            "unix:///run/containerd/containerd.sock.ttrpc"
+            request.ttrpc_address, TTRPC,
+            "the unix:// URL becomes a path"
         );
         assert!(!request.debug);
         assert_eq!(request.socket_dir, None);
