@@ -378,21 +378,23 @@ mod tests {
     async fn a_logging_program_gets_the_output_on_fd_3_and_4() {
         let dir = std::env::temp_dir().join(format!("husk-shim-logger-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("logger");
         let out = dir.join("out");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\nexec 5>&-\n/bin/cat <&3 > {out}.1\n/bin/cat <&4 > {out}.2\necho \"$1 $2 $CONTAINER_ID $CONTAINER_NAMESPACE\" > {out}.env\n",
-                out = out.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        // The logging program is sh -c SCRIPT rather than a script file written here: a file
+        // written while another test thread forks stays open for writing in that child until
+        // its exec, and exec'ing the file then fails with ETXTBSY (seen on a fresh clone).
+        let script = format!(
+            "exec 5>&-\n/bin/cat <&3 > {out}.1\n/bin/cat <&4 > {out}.2\necho \"$1 $2 $CONTAINER_ID $CONTAINER_NAMESPACE\" > {out}.env\n",
+            out = out.display()
+        );
         let logger = BinaryLogger::start(
-            &script,
-            &["k".into(), "v".into()],
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                script.into(),
+                "logger".into(),
+                "k".into(),
+                "v".into(),
+            ],
             LoggedProcess {
                 container_id: "c1",
                 namespace: "ns",
