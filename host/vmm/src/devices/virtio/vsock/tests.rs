@@ -342,6 +342,13 @@ fn data_buffered_for_a_slow_host_is_written_before_the_close() {
         std::thread::sleep(std::time::Duration::from_millis(5));
         rig.backend();
     }
+    // A budget that runs out fails here instead of hanging in the join below (the reader
+    // would wait forever on a connection the muxer still holds).
+    assert_eq!(
+        rig.dev.muxer().connection_count(),
+        0,
+        "the muxer still holds the connection after 200 backend passes"
+    );
     assert_eq!(reader.join().unwrap(), 4 * 60 * 1024);
     assert!(ops(&rig.recv()).contains(&op::RST));
 }
