@@ -52,6 +52,14 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
     check_preserve_fds(args.preserve_fds)?;
+    // In the foreground the forwarded signals are caught before anything exists: one that came
+    // between create and the wait would otherwise end `husk run` and leave the VM running. It
+    // is passed on once the container runs.
+    let forwarding = if args.detach {
+        None
+    } else {
+        Some(Forwarding::new().map_err(CommandError::Output)?)
+    };
     let created = container::create(
         cli,
         &CreateRequest {
@@ -77,10 +85,11 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     }
     let vsock = locked.vsock();
     drop(locked);
-    if args.detach {
+    let Some(forwarding) = forwarding else {
         return Ok(exit::SUCCESS);
-    }
-    let status = wait_passing_signals_on(&id, &vsock, supervisor)
+    };
+    let status = forwarding
+        .wait(&id, &vsock, supervisor)
         .map_err(|e| CommandError::Output(std::io::Error::other(e)))?;
     if !args.keep {
         match Locked::acquire(cli, &id) {
@@ -100,40 +109,56 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     Ok(u8::try_from(code & 0xff).unwrap_or(exit::FAILURE))
 }
 
-/// Waits for the supervisor (the container's process, as seen on the host), passing the
-/// [`signal::FORWARDED`] signals this process receives on to the container's process.
-fn wait_passing_signals_on(
-    id: &ContainerId,
-    vsock: &Path,
-    supervisor: Child,
-) -> std::io::Result<ExitStatus> {
-    let rt = agent::runtime().map_err(std::io::Error::other)?;
-    let status = rt.block_on(async {
-        let mut signals = signal::Forwarded::new()?;
-        let mut supervisor = supervisor;
-        let waited = tokio::task::spawn_blocking(move || supervisor.wait());
-        tokio::pin!(waited);
-        let mut client = None;
-        loop {
-            tokio::select! {
-                status = &mut waited => break status.map_err(std::io::Error::other)?,
-                number = signals.recv() => {
-                    tracing::debug!(signal = number, "{id}: passing a signal on to the container");
-                    if client.is_none() {
-                        match agent::connect(vsock, agent::CONNECT_TIMEOUT).await {
-                            Ok(c) => client = Some(c),
-                            Err(err) => tracing::warn!("{id}: cannot pass signal {number} on: {err}"),
+/// The foreground's signal forwarding: the runtime its signal streams belong to, and the
+/// streams, registered from the start of `husk run`.
+struct Forwarding {
+    rt: tokio::runtime::Runtime,
+    signals: signal::Forwarded,
+}
+
+impl Forwarding {
+    fn new() -> std::io::Result<Forwarding> {
+        let rt = agent::runtime().map_err(std::io::Error::other)?;
+        let signals = rt.block_on(async { signal::Forwarded::new() })?;
+        Ok(Forwarding { rt, signals })
+    }
+
+    /// Waits for the supervisor (the container's process, as seen on the host), passing the
+    /// [`signal::FORWARDED`] signals this process receives (also those received before) on to
+    /// the container's process.
+    fn wait(
+        self,
+        id: &ContainerId,
+        vsock: &Path,
+        supervisor: Child,
+    ) -> std::io::Result<ExitStatus> {
+        let Forwarding { rt, mut signals } = self;
+        let status = rt.block_on(async {
+            let mut supervisor = supervisor;
+            let waited = tokio::task::spawn_blocking(move || supervisor.wait());
+            tokio::pin!(waited);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    status = &mut waited => break status.map_err(std::io::Error::other)?,
+                    number = signals.recv() => {
+                        tracing::debug!(signal = number, "{id}: passing a signal on to the container");
+                        if client.is_none() {
+                            match agent::connect(vsock, agent::CONNECT_TIMEOUT).await {
+                                Ok(c) => client = Some(c),
+                                Err(err) => tracing::warn!("{id}: cannot pass signal {number} on: {err}"),
+                            }
                         }
-                    }
-                    if let Some(c) = &client {
-                        if let Err(err) = c.signal_process(id.as_str(), "", number, false).await {
-                            tracing::warn!("{id}: cannot pass signal {number} on: {err}");
+                        if let Some(c) = &client {
+                            if let Err(err) = c.signal_process(id.as_str(), "", number, false).await {
+                                tracing::warn!("{id}: cannot pass signal {number} on: {err}");
+                            }
                         }
                     }
                 }
             }
-        }
-    });
-    rt.shutdown_background();
-    status
+        });
+        rt.shutdown_background();
+        status
+    }
 }
