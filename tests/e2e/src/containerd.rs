@@ -1,11 +1,12 @@
-//! A containerd of a test's own: Debian's containerd (1.6) started with its own configuration,
-//! root, state and sockets under a temporary directory, the husk shim and husk-vmm of this
-//! checkout on its `PATH`, and a busybox image built here and imported (no registry, no network).
+//! A containerd of a test's own: Debian 12's containerd 1.6, or the containerd 2.x that
+//! `tests/e2e/run` unpacks from Debian sid ([`Line`]), started with its own configuration, root,
+//! state and sockets under a temporary directory, the husk shim and husk-vmm of this checkout on
+//! its `PATH`, and a busybox image built here and imported (no registry, no network).
 //!
 //! ```no_run
-//! use husk_e2e::containerd::{Containerd, Options, HUSK_RUNTIME, IMAGE};
+//! use husk_e2e::containerd::{Containerd, Line, Options, HUSK_RUNTIME, IMAGE};
 //!
-//! let containerd = Containerd::start(); // or Containerd::start_with(Options { cri: true, ..Options::default() })
+//! let containerd = Containerd::start(); // or Containerd::start_with(Options { cri: true, line: Line::V2, ..Options::default() })
 //! let out = containerd.ctr(&["run", "--rm", "--runtime", HUSK_RUNTIME, IMAGE, "id1", "true"]);
 //! assert!(out.status.success());
 //! containerd.assert_clean();
@@ -27,8 +28,15 @@ use crate::{guest_initramfs, guest_kernel, require_program, require_real_kvm, Te
 
 /// containerd's runtime type for husk (the shim binary `containerd-shim-husk-v2`).
 pub const HUSK_RUNTIME: &str = "io.containerd.husk.v2";
-/// containerd's runtime type for runc (Debian's `runc`, through `containerd-shim-runc-v2`).
+/// containerd's runtime type for runc (Debian 12's `runc`, through the containerd line's own
+/// [`RUNC_SHIM`]).
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// containerd's runc shim program, shipped with each containerd line.
+pub const RUNC_SHIM: &str = "containerd-shim-runc-v2";
+/// The variable naming the bin directory (containerd, ctr, [`RUNC_SHIM`]) of the containerd 2.x
+/// that [`Line::V2`] runs. `tests/e2e/run` sets it: Debian sid's package, unpacked into the cache
+/// by scripts/lib.sh's `need_containerd2` (never installed).
+pub const CONTAINERD2_BIN_VAR: &str = "HUSK_CONTAINERD2_BIN";
 /// The busybox image every containerd started here has (default command `sh`).
 pub const IMAGE: &str = "docker.io/library/husk-busybox:e2e";
 /// The same layer with `sleep` as its command: the CRI plugin's sandbox ("pause") image.
@@ -208,8 +216,9 @@ pub fn entries(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The shim sockets in containerd's socket directory (`/run/containerd/s`, fixed in
-/// containerd 1.6 whatever its state directory).
+/// The shim sockets in containerd's socket directory, `/run/containerd/s` whatever containerd's
+/// state directory: fixed in the shim library of containerd 1.6 and 2.x (the runc shim's
+/// sockets) and of the Rust containerd-shim crate (husk's).
 pub fn shim_sockets() -> Vec<PathBuf> {
     entries(Path::new("/run/containerd/s"))
 }
@@ -236,10 +245,93 @@ pub fn describe(out: &Output) -> String {
     )
 }
 
+/// The containerd line a test starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Line {
+    /// Debian 12's containerd 1.6 (the system's `containerd`, `ctr` and [`RUNC_SHIM`]), configured
+    /// with a `version = 2` file.
+    #[default]
+    V1_6,
+    /// The containerd 2.x in [`CONTAINERD2_BIN_VAR`] (Debian sid's, from `tests/e2e/run`),
+    /// configured with a native `version = 3` file.
+    V2,
+}
+
+impl Line {
+    /// The plugins disabled when the CRI plugin is not wanted: in 2.x the CRI is split into the
+    /// images and runtime plugins, the CRI gRPC service, and the pod sandbox controller with its
+    /// gRPC service (which needs the runtime plugin).
+    fn cri_plugins(self) -> &'static [&'static str] {
+        match self {
+            Line::V1_6 => &["io.containerd.grpc.v1.cri"],
+            Line::V2 => &[
+                "io.containerd.grpc.v1.cri",
+                "io.containerd.cri.v1.images",
+                "io.containerd.cri.v1.runtime",
+                "io.containerd.podsandbox.controller.v1.podsandbox",
+                "io.containerd.grpc.v1.sandbox-controllers",
+            ],
+        }
+    }
+
+    /// The directory with this line's `containerd`, `ctr` and [`RUNC_SHIM`]: for 1.6 where
+    /// `containerd` is on `PATH`, for 2.x [`CONTAINERD2_BIN_VAR`]. Panics loudly when it is not
+    /// set or a program is missing: a test of a containerd line never skips.
+    pub fn bin_dir(self) -> PathBuf {
+        let dir = match self {
+            Line::V1_6 => {
+                let containerd = require_program("containerd", "containerd");
+                containerd
+                    .parent()
+                    .expect("containerd's directory")
+                    .to_path_buf()
+            }
+            Line::V2 => match std::env::var_os(CONTAINERD2_BIN_VAR) {
+                Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+                _ => panic!(
+                    "\n\n*** {CONTAINERD2_BIN_VAR} is not set: this test runs containerd 2.x. Run it \
+                     with `tests/e2e/run` (or `make test-e2e`), which unpacks Debian sid's containerd \
+                     into the cache (scripts/lib.sh need_containerd2) and sets it.\n\n"
+                ),
+            },
+        };
+        for program in ["containerd", "ctr", RUNC_SHIM] {
+            assert!(
+                dir.join(program).is_file(),
+                "\n\n*** containerd {self:?}: {} is missing (from {}).\n\n",
+                dir.join(program).display(),
+                match self {
+                    Line::V1_6 => "Debian 12's containerd package: apt-get install containerd",
+                    Line::V2 => "HUSK_CONTAINERD2_BIN, set by tests/e2e/run",
+                }
+            );
+        }
+        dir
+    }
+
+    /// The major version `containerd --version` must report for this line.
+    fn major(self) -> &'static str {
+        match self {
+            Line::V1_6 => "1",
+            Line::V2 => "2",
+        }
+    }
+}
+
+/// `program`'s first match on `path` (a `PATH` value), canonicalized.
+fn on_path(path: &str, program: &str) -> Option<PathBuf> {
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| found.canonicalize().ok())
+}
+
 /// How [`Containerd::start_with`] configures containerd.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// Enables the CRI plugin (off: `disabled_plugins = ["io.containerd.grpc.v1.cri"]`), serving
+    /// Which containerd to start (default: Debian 12's 1.6).
+    pub line: Line,
+    /// Enables the CRI plugin (off: the CRI plugins are in `disabled_plugins`), serving
     /// on containerd's socket, with runtime handlers [`HUSK_HANDLER`] ([`HUSK_RUNTIME`]) and
     /// [`RUNC_HANDLER`] ([`RUNC_RUNTIME`]), the sandbox image [`PAUSE_IMAGE`] (imported, never
     /// pulled), and CNI directories of its own that are empty (pods use the node's network).
@@ -255,6 +347,8 @@ pub struct Options {
 #[derive(Debug)]
 pub struct Containerd {
     dir: TempDir,
+    ctr: PathBuf,
+    version: String,
     socket: PathBuf,
     shim_root: PathBuf,
     console_dir: PathBuf,
@@ -263,16 +357,37 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd with the CRI plugin off.
+    /// Starts containerd 1.6 with the CRI plugin off.
     pub fn start() -> Containerd {
         Containerd::start_with(Options::default())
+    }
+
+    /// Starts containerd of `line` with the CRI plugin off.
+    pub fn start_on(line: Line) -> Containerd {
+        Containerd::start_with(Options {
+            line,
+            ..Options::default()
+        })
     }
 
     /// Starts containerd configured by `options` and imports the images.
     pub fn start_with(options: Options) -> Containerd {
         require_real_kvm();
-        require_program("containerd", "containerd");
-        require_program("ctr", "containerd");
+        let line = options.line;
+        let line_bins = line.bin_dir();
+        let version = Command::new(line_bins.join("containerd"))
+            .arg("--version")
+            .output()
+            .expect("containerd --version");
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        // "containerd github.com/containerd/containerd/v2 2.1.9+unknown" (or "v2.3.4 <commit>").
+        let number = version.split_whitespace().nth(2).unwrap_or_default();
+        assert!(
+            number.trim_start_matches('v').split('.').next() == Some(line.major()),
+            "{} is not containerd {line:?}: `containerd --version` says {version:?}",
+            line_bins.join("containerd").display()
+        );
+        eprintln!("containerd {line:?}: {version}");
         assert!(
             Path::new("/bin/busybox").is_file(),
             "/bin/busybox missing: apt-get install busybox-static"
@@ -307,59 +422,39 @@ impl Containerd {
             ),
         )
         .unwrap();
-        // Top-level keys first, then the tables.
-        let mut config = format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\n",
-            root.join("root"),
-            root.join("state"),
-        );
-        if !options.cri {
-            config.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
-        }
-        config.push_str(&format!(
-            "[grpc]\n  address = {socket:?}\n[ttrpc]\n  address = {:?}\n",
-            root.join("containerd.sock.ttrpc"),
-        ));
-        // containerd gives a dead shim's `delete` command 5 s by default; in the emulated test
-        // host, exec'ing the 180 MB debug shim over 9p alone can take that long on a loaded
-        // machine (natively the command takes ~15 ms).
-        config.push_str("[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n");
-        if options.cri {
+        let cri_dirs = options.cri.then(|| {
             let cni_bin = root.join("cni/bin");
             let cni_conf = root.join("cni/conf");
             fs::create_dir_all(&cni_bin).unwrap();
             fs::create_dir_all(&cni_conf).unwrap();
-            config.push_str(&format!(
-                r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = {PAUSE_IMAGE:?}
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  enable_selinux = false
-  disable_apparmor = true
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = {cni_bin:?}
-    conf_dir = {cni_conf:?}
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = {RUNC_HANDLER:?}
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HUSK_HANDLER}]
-      runtime_type = {HUSK_RUNTIME:?}
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNC_HANDLER}]
-      runtime_type = {RUNC_RUNTIME:?}
-"#
-            ));
-        }
+            (cni_bin, cni_conf)
+        });
+        let config = config_toml(line, root, &socket, cri_dirs.as_ref());
         let config_file = root.join("containerd.toml");
         fs::write(&config_file, config).unwrap();
+        // The line's own runc shim first (containerd looks its shims up on PATH first), then
+        // the workspace's husk shim and husk-vmm, then the rest.
         let path = format!(
-            "{}:{}",
+            "{}:{}:{}",
+            line_bins.display(),
             bins.display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        for (program, want) in [
+            (RUNC_SHIM, line_bins.join(RUNC_SHIM)),
+            (SHIM, bins.join(SHIM)),
+        ] {
+            let found = on_path(&path, program);
+            assert_eq!(
+                found,
+                want.canonicalize().ok(),
+                "containerd {line:?} would not run {} as {program} (PATH {path})",
+                want.display()
+            );
+        }
         let mut daemon = Watched::spawn(
             "containerd",
-            Command::new("containerd")
+            Command::new(line_bins.join("containerd"))
                 .arg("--config")
                 .arg(&config_file)
                 .arg("--log-level")
@@ -372,12 +467,17 @@ impl Containerd {
         daemon.expect_marker("containerd successfully booted", Duration::from_secs(60));
         let this = Containerd {
             dir,
+            ctr: line_bins.join("ctr"),
+            version,
             socket,
             shim_root,
             console_dir,
             options,
             daemon: Some(daemon),
         };
+        if line == Line::V2 {
+            this.assert_config_accepted();
+        }
         let tarball = build_image(this.dir.path());
         let mut namespaces = vec!["default"];
         if this.options.cri {
@@ -393,6 +493,40 @@ impl Containerd {
             );
         }
         this
+    }
+
+    /// containerd 2.x takes every key of the configuration (no "Ignoring unknown key"), loads
+    /// every plugin it is not told to skip, and reports no deprecated setting in use.
+    fn assert_config_accepted(&self) {
+        let log = self.log();
+        for complaint in ["Ignoring unknown key", "failed to load plugin"] {
+            assert!(
+                !log.contains(complaint),
+                "containerd {:?} complains about its configuration ({complaint:?}):\n{log}",
+                self.options.line
+            );
+        }
+        let deprecations = self.ctr_ok(&["deprecations", "list"]);
+        assert!(
+            deprecations.trim().is_empty(),
+            "containerd {:?} reports deprecated settings:\n{deprecations}",
+            self.options.line
+        );
+    }
+
+    /// The containerd line this containerd is of.
+    pub fn line(&self) -> Line {
+        self.options.line
+    }
+
+    /// `containerd --version`'s line.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The line's `ctr` (for commands run by hand; [`Containerd::ctr`] runs it with the socket).
+    pub fn ctr_program(&self) -> &Path {
+        &self.ctr
     }
 
     /// The test's directory (containerd's root and state, husk's shim root, ... are in it).
@@ -427,7 +561,7 @@ impl Containerd {
 
     /// `ctr --address SOCKET ARGS...` (namespace `default` unless ARGS say otherwise).
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(&self.ctr)
             .arg("--address")
             .arg(&self.socket)
             .args(args)
@@ -510,8 +644,10 @@ impl Containerd {
 
     /// Everything a pod or task may leave once deleted: [`Containerd::husk_leftovers`], shim
     /// sockets (containerd's `/run/containerd/s/`, minus those in `sockets_before`), task bundles
-    /// under containerd's state, the CRI plugin's sandbox and container directories (root and
-    /// state), and any mount under the test's directory. Empty when clean.
+    /// under containerd's state, the CRI plugins' sandbox and container directories (any
+    /// `<plugin>/sandboxes/*` and `<plugin>/containers/*` under containerd's root and state: 1.6
+    /// and 2.x keep them in different plugins' directories), and any mount under the test's
+    /// directory. Empty when clean.
     pub fn leftovers(&self, sockets_before: &[PathBuf]) -> Vec<String> {
         let mut left = self.husk_leftovers();
         let mut add = |what: &str, paths: Vec<PathBuf>| {
@@ -536,20 +672,27 @@ impl Containerd {
                 ),
             );
         }
-        for base in [self.root(), self.state()] {
-            for kind in ["sandboxes", "containers"] {
-                add(
-                    "CRI directories",
-                    entries(&base.join("io.containerd.grpc.v1.cri").join(kind)),
-                );
-            }
-        }
+        add("CRI directories", self.cri_directories());
         let mounts: Vec<PathBuf> = mounts_under(self.dir.path())
             .into_iter()
             .map(PathBuf::from)
             .collect();
         add("mounts", mounts);
         left
+    }
+
+    /// What is in the `sandboxes` and `containers` directories of containerd's plugins (root and
+    /// state).
+    pub fn cri_directories(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for base in [self.root(), self.state()] {
+            for plugin in entries(&base) {
+                for kind in ["sandboxes", "containers"] {
+                    found.extend(entries(&plugin.join(kind)));
+                }
+            }
+        }
+        found
     }
 
     /// Waits (at most 30 s) until [`Containerd::leftovers`] is empty; panics naming what is
@@ -598,7 +741,7 @@ impl Drop for Containerd {
         for pid in processes_named(SHIM)
             .into_iter()
             .chain(processes_named("husk-vmm"))
-            .chain(processes_named("containerd-shim-runc-v2"))
+            .chain(processes_named(RUNC_SHIM))
         {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -615,4 +758,82 @@ impl Drop for Containerd {
             }
         }
     }
+}
+
+/// containerd's configuration for `line`: a `version = 2` file for 1.6, a native `version = 3`
+/// one for 2.x (the CRI plugin's keys moved to the `io.containerd.cri.v1.images`,
+/// `io.containerd.cri.v1.runtime` and `io.containerd.grpc.v1.cri` plugins). Root, state and the
+/// sockets under `root`; the CRI plugins disabled unless `cri` gives the CNI directories (bin,
+/// conf).
+fn config_toml(line: Line, root: &Path, socket: &Path, cri: Option<&(PathBuf, PathBuf)>) -> String {
+    let version = match line {
+        Line::V1_6 => 2,
+        Line::V2 => 3,
+    };
+    // Top-level keys first, then the tables.
+    let mut config = format!(
+        "version = {version}\nroot = {:?}\nstate = {:?}\n",
+        root.join("root"),
+        root.join("state"),
+    );
+    if cri.is_none() {
+        config.push_str(&format!("disabled_plugins = {:?}\n", line.cri_plugins()));
+    }
+    config.push_str(&format!(
+        "[grpc]\n  address = {socket:?}\n[ttrpc]\n  address = {:?}\n",
+        root.join("containerd.sock.ttrpc"),
+    ));
+    // containerd gives a dead shim's `delete` command 5 s by default; in the emulated test
+    // host, exec'ing the 180 MB debug shim over 9p alone can take that long on a loaded
+    // machine (natively the command takes ~15 ms).
+    config.push_str("[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n");
+    let Some((cni_bin, cni_conf)) = cri else {
+        return config;
+    };
+    config.push_str(&match line {
+        Line::V1_6 => format!(
+            r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = {PAUSE_IMAGE:?}
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = {cni_bin:?}
+    conf_dir = {cni_conf:?}
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = {RUNC_HANDLER:?}
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HUSK_HANDLER}]
+      runtime_type = {HUSK_RUNTIME:?}
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNC_HANDLER}]
+      runtime_type = {RUNC_RUNTIME:?}
+"#
+        ),
+        Line::V2 => format!(
+            r#"[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = {PAUSE_IMAGE:?}
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_selinux = false
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = [{cni_bin:?}]
+    conf_dir = {cni_conf:?}
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = {RUNC_HANDLER:?}
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{HUSK_HANDLER}]
+      runtime_type = {HUSK_RUNTIME:?}
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{RUNC_HANDLER}]
+      runtime_type = {RUNC_RUNTIME:?}
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#
+        ),
+    });
+    config
 }

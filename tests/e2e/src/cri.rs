@@ -44,7 +44,8 @@ pub struct Cri {
 }
 
 /// A pod in the node's network namespace (no CNI needed; containerd then keeps the node's UTS
-/// namespace too, so no hostname, as kubelet does), namespace `husk-e2e`, no log directory.
+/// namespace too, so no hostname, as kubelet does), namespace `husk-e2e`, no log directory (set
+/// `log_directory`, which must exist, for containers with a `log_path`).
 pub fn pod_config(name: &str, uid: &str) -> api::PodSandboxConfig {
     api::PodSandboxConfig {
         metadata: Some(api::PodSandboxMetadata {
@@ -168,6 +169,12 @@ impl Cri {
     /// `Version`: the runtime's name and version.
     pub fn version(&self) -> CriResult<api::VersionResponse> {
         self.runtime(|mut c| async move { c.version(api::VersionRequest::default()).await })
+    }
+
+    /// `Status`: the runtime's conditions, and (CRI 1.30+, containerd 2.x) its runtime handlers
+    /// with the features each supports.
+    pub fn status(&self) -> CriResult<api::StatusResponse> {
+        self.runtime(|mut c| async move { c.status(api::StatusRequest { verbose: false }).await })
     }
 
     /// `ImageStatus` of `image`: `None` when the CRI plugin does not know it.

@@ -7,6 +7,10 @@
 //!
 //! Every test checks that nothing is left once the pods are removed: no shim, no husk-vmm, no
 //! shim socket, no mount, no sandbox, task or CRI directory.
+//!
+//! The pod of two containers also runs on containerd 2.x (Debian sid's, unpacked by
+//! `tests/e2e/run`; configured with a `version = 3` file), where it also checks what the CRI
+//! plugin and containerd's introspection say about husk's features.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -15,7 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_e2e::containerd::{
-    processes_named, shim_sockets, Containerd, Options, HUSK_HANDLER, IMAGE, SHIM,
+    describe, processes_named, shim_sockets, Containerd, Line, Options, HUSK_HANDLER, HUSK_RUNTIME,
+    IMAGE, SHIM,
 };
 use husk_e2e::cri::{self, api, Cri};
 
@@ -27,10 +32,16 @@ struct Setup {
 }
 
 impl Setup {
+    /// containerd 1.6.
     fn new() -> Setup {
+        Setup::on(Line::V1_6)
+    }
+
+    fn on(line: Line) -> Setup {
         let sockets_before = shim_sockets();
         let containerd = Containerd::start_with(Options {
             cri: true,
+            line,
             ..Options::default()
         });
         let cri = Cri::connect(containerd.socket());
@@ -171,9 +182,100 @@ impl Setup {
 }
 
 #[test]
-fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
-    let setup = Setup::new();
-    let pod = cri::pod_config("pod1", "uid-pod1");
+fn cri_pod_with_two_containers_sharing_one_vm_logs_exec_stats_stop_remove_on_containerd_1_6() {
+    pod_with_two_containers_sharing_one_vm(Line::V1_6);
+}
+
+#[test]
+fn cri_pod_with_two_containers_sharing_one_vm_logs_exec_stats_stop_remove_on_containerd_2() {
+    pod_with_two_containers_sharing_one_vm(Line::V2);
+}
+
+/// What containerd 2.x's CRI plugin says about the `husk` handler (CRI `Status`), and what
+/// containerd's runtime introspection (`ctr plugins inspect-runtime`, which runs
+/// `containerd-shim-husk-v2 -info`) reports: husk's OCI features document lists neither the
+/// `rro` mount option nor id-mapped mounts, so neither recursive read-only mounts nor user
+/// namespaces may be advertised.
+fn assert_husk_features_on_containerd_2(setup: &Setup) {
+    let status = setup
+        .cri
+        .status()
+        .unwrap_or_else(|e| setup.fail("Status", &e));
+    eprintln!("CRI Status runtime handlers: {:?}", status.runtime_handlers);
+    let husk = status
+        .runtime_handlers
+        .iter()
+        .find(|h| h.name == HUSK_HANDLER)
+        .unwrap_or_else(|| panic!("no {HUSK_HANDLER} runtime handler in CRI Status: {status:?}"));
+    // containerd 2.1 introspects runc-type runtimes only (later releases every runtime): there
+    // the handler has no features at all, which kubelet reads as both false.
+    let advertised = husk.features.as_ref().map_or((false, false), |f| {
+        (f.recursive_read_only_mounts, f.user_namespaces)
+    });
+    assert_eq!(
+        advertised,
+        (false, false),
+        "the CRI plugin advertises (recursive read-only mounts, user namespaces) for husk: {husk:?}"
+    );
+    // The CRI plugin's introspection of husk may only have been refused by containerd 2.1's
+    // runc-only rule, never failed on the shim's answer.
+    let log = setup.containerd.log();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("failed to introspect") && l.contains(HUSK_HANDLER))
+        // (in containerd's log the quotes are escaped: match the words only).
+        .filter(|l| !l.contains("features needs the runtime type to be"))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "containerd failed to introspect the husk runtime:\n{}",
+        failures.join("\n")
+    );
+
+    // containerd's own introspection of the shim: `containerd-shim-husk-v2 -info`.
+    let out = setup
+        .containerd
+        .ctr(&["plugins", "inspect-runtime", "--runtime", HUSK_RUNTIME]);
+    assert!(
+        out.status.success(),
+        "ctr plugins inspect-runtime --runtime {HUSK_RUNTIME} (the shim's -info) failed: {}",
+        describe(&out)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("inspect-runtime printed no JSON ({e}): {}", describe(&out)));
+    eprintln!("ctr plugins inspect-runtime: {info}");
+    let features = &info["Features"];
+    assert!(
+        features.is_object(),
+        "no OCI features document in the shim's -info answer: {info}"
+    );
+    let mount_options = features["mountOptions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !mount_options.iter().any(|o| o == "rro"),
+        "husk's features list the rro mount option: {features}"
+    );
+    assert_ne!(
+        features["linux"]["mountExtensions"]["idmap"]["enabled"],
+        serde_json::Value::Bool(true),
+        "husk's features list id-mapped mounts: {features}"
+    );
+}
+
+/// RunPodSandbox; two containers in it sharing one VM and an emptyDir, one with a read-only
+/// root; their logs, ExecSync, ContainerStats; Stop and Remove; nothing left.
+fn pod_with_two_containers_sharing_one_vm(line: Line) {
+    let setup = Setup::on(line);
+    if line == Line::V2 {
+        assert_husk_features_on_containerd_2(&setup);
+    }
+    let mut pod = cri::pod_config("pod1", "uid-pod1");
+    // The pod's log directory, as kubelet makes it.
+    let logs = setup.containerd.dir().join("pod-logs");
+    fs::create_dir(&logs).unwrap();
+    pod.log_directory = logs.to_string_lossy().into_owned();
     let pod_id = setup.run_pod(&pod);
     let status = setup
         .cri
@@ -186,7 +288,9 @@ fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
     fs::create_dir(&volume).unwrap();
     let mut containers = Vec::new();
     for name in ["first", "second"] {
-        let mut config = cri::container_config(name, IMAGE, &["sleep", "100000"]);
+        let script = format!("echo {name}-to-stdout; echo {name}-to-stderr >&2; exec sleep 100000");
+        let mut config = cri::container_config(name, IMAGE, &["sh", "-c", &script]);
+        config.log_path = format!("{name}.log");
         config.mounts.push(cri::bind_mount(&volume, "/shared"));
         if name == "second" {
             // A read-only root file system (its mount point /shared is made all the same).
@@ -207,6 +311,48 @@ fn cri_pod_with_two_containers_sharing_one_vm_exec_stats_stop_remove() {
     // (not the host's).
     assert_eq!(processes_named("husk-vmm").len(), 1, "one VM for the pod");
     assert_eq!(processes_named(SHIM).len(), 1, "one shim for the pod");
+    // Where this containerd line keeps what the nothing-left check looks at: the shim's socket
+    // in /run/containerd/s, the CRI plugin's sandbox and container directories.
+    let sockets: Vec<_> = shim_sockets()
+        .into_iter()
+        .filter(|s| !setup.sockets_before.contains(s))
+        .collect();
+    let cri_dirs = setup.containerd.cri_directories();
+    eprintln!("while the pod runs: shim sockets {sockets:?}, CRI directories {cri_dirs:?}");
+    assert!(
+        !sockets.is_empty(),
+        "no shim socket in /run/containerd/s while the pod runs"
+    );
+    assert!(
+        cri_dirs.iter().any(|d| d.ends_with(&pod_id)),
+        "no CRI directory of the pod while it runs: {cri_dirs:?}"
+    );
+
+    // Logs: the CRI plugin writes each container's stdout and stderr into its log file, in the
+    // CRI format ("<time> <stream> F <line>").
+    for name in ["first", "second"] {
+        let file = logs.join(format!("{name}.log"));
+        let want = [
+            format!(" stdout F {name}-to-stdout"),
+            format!(" stderr F {name}-to-stderr"),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(&file).unwrap_or_default();
+            if want
+                .iter()
+                .all(|w| text.lines().any(|l| l.ends_with(w.as_str())))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not hold {want:?}: {text:?}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let boot_id = setup.boot_id(first);
     assert_eq!(boot_id, setup.boot_id(second), "both containers in one VM");
     let host_boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();

@@ -3,6 +3,10 @@
 //! busybox-static, `ctr image import`); `ctr run --runtime io.containerd.husk.v2` runs it in a
 //! microVM. Needs a real KVM: run with `tests/e2e/run shim` (inside the test host).
 //!
+//! The basic paths (`ctr run` output and exit status, a pod grouped by the CRI annotations) also
+//! run on containerd 2.x (Debian sid's, unpacked by `tests/e2e/run`): one body per test, taking
+//! the [`Line`], and a `..._on_containerd_1_6` and `..._on_containerd_2` test for it.
+//!
 //! Every test checks that nothing is left behind: no shim, no husk-vmm, no sandbox directory,
 //! no mount under the test's directory.
 
@@ -13,12 +17,21 @@ use std::process::Command;
 use std::time::Instant;
 
 use husk_e2e::containerd::{
-    describe, processes_named, Containerd, HUSK_RUNTIME as RUNTIME, IMAGE, SHIM,
+    describe, processes_named, Containerd, Line, HUSK_RUNTIME as RUNTIME, IMAGE, SHIM,
 };
 
 #[test]
-fn shim_ctr_run_prints_output_and_propagates_the_exit_code() {
-    let containerd = Containerd::start();
+fn shim_ctr_run_prints_output_and_propagates_the_exit_code_on_containerd_1_6() {
+    ctr_run_prints_output_and_propagates_the_exit_code(Line::V1_6);
+}
+
+#[test]
+fn shim_ctr_run_prints_output_and_propagates_the_exit_code_on_containerd_2() {
+    ctr_run_prints_output_and_propagates_the_exit_code(Line::V2);
+}
+
+fn ctr_run_prints_output_and_propagates_the_exit_code(line: Line) {
+    let containerd = Containerd::start_on(line);
 
     let started = Instant::now();
     let out = containerd.run("hello", &["echo", "hello"]);
@@ -147,7 +160,7 @@ fn shim_sigkill_stdin_and_tty() {
     containerd.assert_clean();
 
     // stdin (ctr 1.6 always attaches its own): piped in, end of file reaches the process.
-    let mut child = Command::new("ctr")
+    let mut child = Command::new(containerd.ctr_program())
         .arg("--address")
         .arg(containerd.socket())
         .args(["run", "--rm", "--runtime", RUNTIME, IMAGE, "cat1", "cat"])
@@ -171,7 +184,8 @@ fn shim_sigkill_stdin_and_tty() {
 
     // tty: ctr -t needs a terminal of its own; script(1) gives it one.
     let command = format!(
-        "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} tty1 sh -c 'test -t 1 && echo is-a-tty'",
+        "{} --address {} run --rm -t --runtime {RUNTIME} {IMAGE} tty1 sh -c 'test -t 1 && echo is-a-tty'",
+        containerd.ctr_program().display(),
         containerd.socket().display()
     );
     let out = Command::new("script")
@@ -235,8 +249,17 @@ fn boot_id(containerd: &Containerd, id: &str, exec_id: &str) -> String {
 }
 
 #[test]
-fn shim_pod_containers_share_one_vm_by_cri_annotations() {
-    let containerd = Containerd::start();
+fn shim_pod_containers_share_one_vm_by_cri_annotations_on_containerd_1_6() {
+    pod_containers_share_one_vm_by_cri_annotations(Line::V1_6);
+}
+
+#[test]
+fn shim_pod_containers_share_one_vm_by_cri_annotations_on_containerd_2() {
+    pod_containers_share_one_vm_by_cri_annotations(Line::V2);
+}
+
+fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
+    let containerd = Containerd::start_on(line);
     // The CRI plugin's annotations, given by hand: a sandbox, then a container of its pod. The
     // sandbox carries the pod's resources as containerd 1.7+ does (2 CPUs, 384 MiB), which size
     // the VM (the defaults would be 1 vCPU and 256 MiB).
