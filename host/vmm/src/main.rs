@@ -1,76 +1,17 @@
 //! `husk-vmm`: boots one microVM.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{LineWriter, Write};
-use std::path::PathBuf;
 use std::process::ExitCode as ProcessExitCode;
 
-use clap::Parser;
+use clap::builder::{OsStringValueParser, TypedValueParser};
+use clap::{CommandFactory, Parser};
+use husk_vmm::devices::virtio::block::BlockConfig;
+use husk_vmm::devices::virtio::fs::FsConfig;
 use husk_vmm::signals::TerminationSignals;
 use husk_vmm::{ExitCode, Vm, VmConfig};
-
-const EXIT_CODES: &str = "\
-Exit status:
-  0  the guest rebooted or powered off (i8042 reset, triple fault), or SIGTERM/SIGINT stopped it
-  1  internal error of the monitor
-  2  invalid command line
-  3  the guest kernel panicked (\"Kernel panic - not syncing\" seen on the console)
-  4  /dev/kvm cannot run a standard guest (missing, PVM backend, no VMX/SVM)
-  5  the kernel, initrd, a disk image or a shared directory is missing or invalid
-  6  a vCPU failed (KVM internal error, emulation failure, failed VM entry)";
-
-/// husk's virtual machine monitor: boots an x86_64 Linux kernel (ELF vmlinux, PVH entry)
-/// directly on KVM with a serial console and virtio-mmio devices.
-#[derive(Parser, Debug)]
-#[command(name = "husk-vmm", version, after_help = EXIT_CODES)]
-struct Args {
-    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry note (CONFIG_PVH=y).
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
-    /// Initial ramdisk (cpio archive, optionally compressed).
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Extra kernel command line, appended to the defaults
-    /// ("console=ttyS0 reboot=k panic=-1 pci=off nomodule" and one virtio_mmio.device= per device).
-    #[arg(long, value_name = "ARGS", default_value = "")]
-    cmdline: String,
-    /// Number of vCPUs (one host thread each), 1..=32.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    vcpus: u8,
-    /// Guest memory in MiB (16 ..= 1048576).
-    #[arg(long = "memory-mib", value_name = "N", default_value_t = 256)]
-    memory_mib: u64,
-    /// Serial console (ttyS0) output: a file path, or "-" for standard output.
-    #[arg(long, value_name = "PATH|-", default_value = "-")]
-    console: String,
-    /// Size cap of the console file in bytes; output beyond it is discarded (not applied to "-").
-    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
-    console_max_bytes: u64,
-    /// A virtio-blk disk backed by a raw image; ",ro" makes it read-only. Repeatable: the guest
-    /// sees them as /dev/vda, /dev/vdb, ... in order.
-    #[arg(long, value_name = "PATH[,ro]")]
-    block: Vec<husk_vmm::devices::virtio::block::BlockConfig>,
-    /// Host side of virtio-vsock (Firecracker-compatible): clients connect to PATH and send
-    /// "CONNECT <port>\n"; guest connections to host port P go to PATH_P.
-    #[arg(long, value_name = "PATH", requires = "guest_cid")]
-    vsock_uds: Option<PathBuf>,
-    /// The guest's vsock CID (3 ..= 2^32-2); needs --vsock-uds.
-    #[arg(long, value_name = "N", requires = "vsock_uds")]
-    guest_cid: Option<u64>,
-    /// Share a host directory with the guest over virtio-fs; the guest mounts it with
-    /// "mount -t virtiofs TAG DIR". PATH must be an existing directory; TAG is 1 to 36 bytes of
-    /// printable ASCII (no ',' or spaces). The guest cannot leave PATH (symlinks are not
-    /// followed on the host, no device nodes are opened). Repeatable, one tag each.
-    #[arg(long, value_name = "PATH,tag=TAG")]
-    fs: Vec<husk_vmm::devices::virtio::fs::FsConfig>,
-    /// Do not add the virtio-rng entropy device.
-    #[arg(long)]
-    no_rng: bool,
-    /// Run even if /dev/kvm cannot run a standard guest (PVM, no VMX/SVM): for tiny payloads
-    /// and tests only; a Linux guest will not boot in useful time.
-    #[arg(long)]
-    allow_emulated_kvm: bool,
-}
+use husk_vmm_config::{FsSpec, VmmConfig};
 
 fn console_writer(spec: &str) -> anyhow::Result<(Box<dyn Write + Send>, bool)> {
     if spec == "-" {
@@ -115,8 +56,28 @@ fn raise_open_file_limit() {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if !args.fs.is_empty() {
+/// Resolves the shared directories. A missing or unusable one is a command-line error (exit
+/// status 2) reported as clap reports any invalid `--fs` value, as when the path was checked
+/// while parsing: each value goes back through a clap value parser that parses and resolves it.
+fn shared_dirs(specs: &[FsSpec]) -> Result<Vec<FsConfig>, clap::Error> {
+    let mut cmd = VmmConfig::command();
+    // Rendering the argument in the error needs a built command.
+    cmd.build();
+    let arg = cmd.get_arguments().find(|a| a.get_id() == "fs");
+    let resolve = OsStringValueParser::new().try_map(
+        |value: OsString| -> Result<FsConfig, Box<dyn std::error::Error + Send + Sync>> {
+            let spec = FsSpec::try_from(value.as_os_str())?;
+            Ok(FsConfig::try_from(&spec)?)
+        },
+    );
+    specs
+        .iter()
+        .map(|spec| resolve.parse_ref(&cmd, arg, &spec.to_arg()))
+        .collect()
+}
+
+fn run(args: VmmConfig, filesystems: Vec<FsConfig>) -> anyhow::Result<ExitCode> {
+    if !filesystems.is_empty() {
         raise_open_file_limit();
     }
     // Block SIGTERM/SIGINT before any thread exists so that every thread inherits the mask and
@@ -133,8 +94,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         console_cap: is_file.then_some(args.console_max_bytes),
         allow_emulated_kvm: args.allow_emulated_kvm,
         rng: !args.no_rng,
-        blocks: args.block,
-        filesystems: args.fs,
+        blocks: args.block.iter().map(BlockConfig::from).collect(),
+        filesystems,
         vsock: args
             .vsock_uds
             .zip(args.guest_cid)
@@ -180,12 +141,49 @@ fn main() -> ProcessExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    match run(args) {
+    let args = VmmConfig::parse();
+    let filesystems = match shared_dirs(&args.fs) {
+        Ok(filesystems) => filesystems,
+        Err(e) => e.exit(),
+    };
+    match run(args, filesystems) {
         Ok(code) => ProcessExitCode::from(code as u8),
         Err(e) => {
             eprintln!("husk-vmm: {e:#}");
             ProcessExitCode::from(ExitCode::InternalError as u8)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn missing_shared_directory_is_a_command_line_error() {
+        let spec: FsSpec = "/nonexistent/husk-share,tag=t".parse().unwrap();
+
+        let err = shared_dirs(&[spec]).unwrap_err();
+
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(
+            err.to_string(),
+            "error: invalid value '/nonexistent/husk-share,tag=t' for '--fs <PATH,tag=TAG>': \
+             shared directory /nonexistent/husk-share: No such file or directory (os error 2)\n\n\
+             For more information, try '--help'.\n"
+        );
+    }
+
+    #[test]
+    fn existing_shared_directory_is_resolved() {
+        let spec: FsSpec = "/tmp/,tag=t".parse().unwrap();
+
+        let dirs = shared_dirs(&[spec]).unwrap();
+
+        assert_eq!(dirs[0].path, std::fs::canonicalize("/tmp").unwrap());
+        assert_eq!(dirs[0].tag, "t");
     }
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use husk_vmm_config::BlockSpec;
 use virtio_queue::Queue;
 
 use super::{
@@ -44,7 +45,7 @@ const S_UNSUPP: u8 = 2;
 pub const ID_LEN: usize = 20;
 const HEADER_LEN: u64 = 16;
 
-/// `--block PATH[,ro]`.
+/// A disk image to serve (from `--block`, see [`BlockSpec`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
     /// The raw image.
@@ -53,25 +54,12 @@ pub struct BlockConfig {
     pub read_only: bool,
 }
 
-impl std::str::FromStr for BlockConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (path, read_only) = match s.rsplit_once(',') {
-            Some((p, "ro")) => (p, true),
-            Some((p, "rw")) => (p, false),
-            Some((_, opt)) => {
-                return Err(format!("unknown block option {opt:?} (expected ro or rw)"))
-            }
-            None => (s, false),
-        };
-        if path.is_empty() {
-            return Err("empty block device path".into());
+impl From<&BlockSpec> for BlockConfig {
+    fn from(spec: &BlockSpec) -> Self {
+        BlockConfig {
+            path: spec.path.clone(),
+            read_only: spec.read_only,
         }
-        Ok(BlockConfig {
-            path: PathBuf::from(path),
-            read_only,
-        })
     }
 }
 

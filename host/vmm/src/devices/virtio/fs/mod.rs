@@ -25,6 +25,8 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use husk_vmm_config::FsSpec;
+pub use husk_vmm_config::{validate_tag, TagError, TAG_MAX_LEN};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::{
@@ -35,8 +37,6 @@ use crate::memory::GuestMem;
 
 /// Device type: file system.
 pub const TYPE_FS: u32 = 26;
-/// Longest tag (the config space field is 36 bytes, NUL-padded).
-pub const TAG_MAX_LEN: usize = 36;
 /// Number of request queues (offered in the config space; the hiprio queue comes first).
 pub const NUM_REQUEST_QUEUES: u32 = 1;
 /// Size of the high-priority queue (FORGET, INTERRUPT).
@@ -57,7 +57,7 @@ pub const FUSE_OUT_HEADER_LEN: u64 = 16;
 const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
 const QUEUE_SIZES: [u16; 1 + NUM_REQUEST_QUEUES as usize] = [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE];
 
-/// `--fs PATH,tag=TAG`.
+/// A shared directory to serve (from `--fs`, see [`FsSpec`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsConfig {
     /// The shared directory (canonical: symlinks in the path given by the user are resolved
@@ -67,56 +67,25 @@ pub struct FsConfig {
     pub tag: String,
 }
 
-/// Checks a virtio-fs tag: 1 to 36 bytes of printable ASCII other than ','.
-pub fn validate_tag(tag: &str) -> Result<(), String> {
-    if tag.is_empty() {
-        return Err("the virtio-fs tag is empty".into());
-    }
-    if tag.len() > TAG_MAX_LEN {
-        return Err(format!(
-            "the virtio-fs tag {tag:?} is {} bytes long; at most {TAG_MAX_LEN} are allowed",
-            tag.len()
-        ));
-    }
-    if let Some(c) = tag.chars().find(|c| !c.is_ascii_graphic() || *c == ',') {
-        return Err(format!(
-            "the virtio-fs tag {tag:?} contains {c:?}; only printable ASCII without ',' or spaces is allowed"
-        ));
-    }
-    Ok(())
-}
+impl TryFrom<&FsSpec> for FsConfig {
+    type Error = FsError;
 
-impl std::str::FromStr for FsConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (path, option) = s
-            .rsplit_once(',')
-            .ok_or_else(|| format!("{s:?}: expected PATH,tag=TAG"))?;
-        let tag = option
-            .strip_prefix("tag=")
-            .ok_or_else(|| format!("unknown virtio-fs option {option:?} (expected tag=TAG)"))?;
-        validate_tag(tag)?;
-        if path.is_empty() {
-            return Err("empty shared directory path".into());
-        }
-        let path =
-            std::fs::canonicalize(path).map_err(|e| format!("shared directory {path}: {e}"))?;
+    /// Checks the tag and resolves the path, which must be an existing UTF-8 directory.
+    fn try_from(spec: &FsSpec) -> Result<Self, Self::Error> {
+        validate_tag(&spec.tag)?;
+        let path = std::fs::canonicalize(&spec.path).map_err(|err| FsError::SharedDir {
+            path: spec.path.clone(),
+            err,
+        })?;
         if !path.is_dir() {
-            return Err(format!(
-                "shared directory {}: not a directory",
-                path.display()
-            ));
+            return Err(FsError::NotADirectory(path));
         }
         if path.to_str().is_none() {
-            return Err(format!(
-                "shared directory {}: the path is not UTF-8",
-                path.display()
-            ));
+            return Err(FsError::NotUtf8(path));
         }
         Ok(FsConfig {
             path,
-            tag: tag.to_string(),
+            tag: spec.tag.clone(),
         })
     }
 }
@@ -125,11 +94,25 @@ impl std::str::FromStr for FsConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     /// The tag is invalid.
-    #[error("{0}")]
-    BadTag(String),
+    #[error(transparent)]
+    BadTag(#[from] TagError),
     /// Two shared directories have the same tag.
     #[error("the virtio-fs tag {0:?} is used twice")]
     DuplicateTag(String),
+    /// The shared directory cannot be resolved.
+    #[error("shared directory {}: {err}", path.display())]
+    SharedDir {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// The shared directory is not a directory.
+    #[error("shared directory {}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The resolved shared directory path is not UTF-8.
+    #[error("shared directory {}: the path is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
     /// The shared directory path cannot be used.
     #[error("shared directory {0}: the path must be UTF-8 without NUL bytes")]
     BadPath(PathBuf),
@@ -263,7 +246,7 @@ impl VirtioFs {
     /// bits are applied as sent), so the monitor creates its own files (console, vsock socket)
     /// before this.
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
-        validate_tag(&config.tag).map_err(FsError::BadTag)?;
+        validate_tag(&config.tag)?;
         drop_mknod_capability()?;
         let open_err = |err| FsError::Open {
             path: config.path.clone(),

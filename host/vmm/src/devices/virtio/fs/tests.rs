@@ -12,6 +12,8 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
+use husk_vmm_config::FsSpec;
+
 use super::*;
 use crate::devices::virtio::test_utils::*;
 
@@ -530,36 +532,49 @@ fn wrong_queue_count_is_refused() {
 }
 
 #[test]
-fn cli_parses_path_and_tag() {
+fn config_from_spec_resolves_the_path() {
     let dir = SharedDir::new("cli");
-    let config: FsConfig = format!("{},tag=husk-shared", dir.0.display())
+    let spec: FsSpec = format!("{},tag=husk-shared", dir.0.display())
         .parse()
         .unwrap();
+    let config = FsConfig::try_from(&spec).unwrap();
     assert_eq!(config.tag, "husk-shared");
     assert_eq!(config.path, std::fs::canonicalize(&dir.0).unwrap());
 }
 
 #[test]
-fn cli_rejects_bad_tags_and_paths() {
+fn config_from_spec_rejects_missing_paths_files_and_bad_tags() {
     let dir = SharedDir::new("cli-bad");
-    let d = dir.0.display();
     let file = dir.0.join("file");
     std::fs::write(&file, b"x").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    for bad in [
-        format!("{d}"),
-        format!("{d},tag="),
-        format!("{d},tag={}", "x".repeat(37)),
-        format!("{d},tag=has space"),
-        format!("{d},tag=caf\u{e9}"),
-        format!("{d},ro"),
-        format!("{d}/missing,tag=t"),
-        format!("{},tag=t", file.display()),
-        ",tag=t".to_string(),
-    ] {
-        assert!(bad.parse::<FsConfig>().is_err(), "{bad:?} was accepted");
-    }
-    assert!(format!("{d},tag={}", "x".repeat(36))
-        .parse::<FsConfig>()
-        .is_ok());
+    let spec = |path: PathBuf, tag: &str| FsSpec {
+        path,
+        tag: tag.to_string(),
+    };
+
+    let missing = FsConfig::try_from(&spec(dir.0.join("missing"), "t")).unwrap_err();
+    let not_dir = FsConfig::try_from(&spec(file.clone(), "t")).unwrap_err();
+    let bad_tag = FsConfig::try_from(&spec(dir.0.clone(), "has space")).unwrap_err();
+
+    assert!(
+        matches!(&missing, FsError::SharedDir { err, .. } if err.kind() == std::io::ErrorKind::NotFound),
+        "{missing}"
+    );
+    assert_eq!(
+        missing.to_string(),
+        format!(
+            "shared directory {}: No such file or directory (os error 2)",
+            dir.0.join("missing").display()
+        )
+    );
+    assert!(matches!(not_dir, FsError::NotADirectory(_)), "{not_dir}");
+    assert_eq!(
+        not_dir.to_string(),
+        format!(
+            "shared directory {}: not a directory",
+            std::fs::canonicalize(&file).unwrap().display()
+        )
+    );
+    assert!(matches!(bad_tag, FsError::BadTag(_)), "{bad_tag}");
 }
