@@ -24,7 +24,10 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{guest_initramfs, guest_kernel, require_program, require_real_kvm, TempDir, Watched};
+use crate::{
+    clean_up, guest_initramfs, guest_kernel, processes_naming, require_program, require_real_kvm,
+    TempDir, Watched,
+};
 
 /// containerd's runtime type for husk (the shim binary `containerd-shim-husk-v2`).
 pub const HUSK_RUNTIME: &str = "io.containerd.husk.v2";
@@ -180,19 +183,17 @@ pub fn build_image(dir: &Path) -> PathBuf {
     tarball
 }
 
-/// Mount points (from /proc/self/mountinfo) under `dir`.
+/// Mount points (from /proc/self/mountinfo) at or under `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .map(str::to_owned)
+    crate::mounts_under(dir)
+        .iter()
+        .map(|p| p.display().to_string())
         .collect()
 }
 
-/// PIDs of processes whose program (argv[0]'s file name) is `program`.
+/// PIDs of every process on the machine whose program (argv[0]'s file name) is `program`,
+/// whoever started it. Leak checks use [`Containerd::processes`] instead, which counts only what
+/// the test's own containerd started.
 pub fn processes_named(program: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -617,8 +618,27 @@ impl Containerd {
         }
     }
 
-    /// What husk left that it should not have: shims, husk-vmm processes, sandbox directories,
-    /// console logs, mounts under the shim root. Empty when clean.
+    /// The test's own directories: where containerd, its shims and their VMs are named from
+    /// (containerd's socket and the configuration in [`Containerd::dir`], the sandboxes under
+    /// [`Containerd::shim_root`], also in the `HUSK_SHIM_ROOT` every shim inherits).
+    fn marks(&self) -> [&Path; 2] {
+        [self.dir.path(), &self.shim_root]
+    }
+
+    /// PIDs of the running processes named `program` (argv[0]'s file name: [`SHIM`],
+    /// `husk-vmm`, [`RUNC_SHIM`]) that this containerd started: those whose command line or
+    /// environment names the test's directory or its shim root ([`crate::processes_naming`]).
+    /// What another test (or a failed one before it) left running is not counted.
+    pub fn processes(&self, program: &str) -> Vec<u32> {
+        processes_naming(&self.marks())
+            .into_iter()
+            .filter(|p| p.program == program)
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// What husk left that it should not have: this containerd's shims and husk-vmm processes,
+    /// sandbox directories, console logs, mounts under the shim root. Empty when clean.
     pub fn husk_leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         let mut add = |what: &str, items: Vec<String>| {
@@ -628,8 +648,8 @@ impl Containerd {
         };
         let shown = |paths: Vec<PathBuf>| paths.iter().map(|p| p.display().to_string()).collect();
         let pids = |pids: Vec<u32>| pids.iter().map(u32::to_string).collect();
-        add("shims", pids(processes_named(SHIM)));
-        add("husk-vmm", pids(processes_named("husk-vmm")));
+        add("shims", pids(self.processes(SHIM)));
+        add("husk-vmm", pids(self.processes("husk-vmm")));
         add("sandboxes", shown(entries(&self.shim_root)));
         add("console logs", shown(entries(&self.console_dir)));
         add("mounts", mounts_under(&self.shim_root));
@@ -736,27 +756,11 @@ impl Drop for Containerd {
             daemon.signal(libc::SIGTERM);
             let _ = daemon.wait_exit(Duration::from_secs(20));
         }
-        // Whatever a failed test left: shims and VMs killed, mounts detached, so the temporary
-        // directory can go.
-        for pid in processes_named(SHIM)
-            .into_iter()
-            .chain(processes_named("husk-vmm"))
-            .chain(processes_named(RUNC_SHIM))
-        {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let mut points = mounts_under(self.dir.path());
-        points.extend(mounts_under(&self.shim_root));
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for point in points {
-            let _ = Command::new("umount").args(["-l", &point]).status();
-        }
-        if let Err(e) = fs::remove_dir_all(&self.shim_root) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("warning: cannot remove {}: {e}", self.shim_root.display());
-            }
-        }
+        // Whatever a failed test left, and only what this containerd started: its shims, VMs
+        // and runc shims killed, mounts under its directories detached, the shim root removed
+        // (the temporary directory goes with `dir`).
+        let [dir, shim_root] = self.marks();
+        clean_up(&[dir, shim_root], &[shim_root]);
     }
 }
 

@@ -163,9 +163,257 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("warning: cannot remove {}: {e}", self.path.display());
+        // A mount left under the directory is detached first: removing the directory through
+        // it would delete what it shows (a bind of a shared rootfs, say).
+        remove_tree(&self.path);
+    }
+}
+
+/// A process on this machine, as `/proc/<pid>` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Its PID.
+    pub pid: u32,
+    /// The file name of its `argv[0]` (`husk-vmm`, `containerd-shim-husk-v2`, `husk`, ...).
+    pub program: String,
+    /// Its arguments, `argv[0]` included.
+    pub args: Vec<String>,
+}
+
+impl Process {
+    /// The value following `flag` on its command line (`--vsock-uds PATH`), if any.
+    pub fn arg_after(&self, flag: &str) -> Option<&str> {
+        let at = self.args.iter().position(|a| a == flag)?;
+        self.args.get(at + 1).map(String::as_str)
+    }
+}
+
+impl fmt::Display for Process {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.pid, self.args.join(" "))
+    }
+}
+
+/// Whether `value` names `mark` or a path under it: `mark` itself, `mark/...`, `mark,...`
+/// (husk-vmm's `--fs DIR,tag=...`), also after a `KEY=` (an environment entry such as
+/// `HUSK_SHIM_ROOT=...`, or an option such as `--root=...`). A plain prefix is not enough:
+/// `/run/husk-e2e-1-1` does not name `/run/husk-e2e-1-10`.
+fn names_path(value: &[u8], mark: &[u8]) -> bool {
+    let at_start = |v: &[u8]| {
+        v.strip_prefix(mark)
+            .is_some_and(|rest| rest.is_empty() || rest[0] == b'/' || rest[0] == b',')
+    };
+    if mark.is_empty() {
+        return false;
+    }
+    at_start(value)
+        || value
+            .iter()
+            .position(|b| *b == b'=')
+            .is_some_and(|eq| at_start(&value[eq + 1..]))
+}
+
+/// The parent PID from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": the command name may hold spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// Whether `pid` is a live process: not gone, not a zombie waiting for its reaper.
+pub fn process_runs(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Live processes, other than this test process and its ancestors, whose command line or
+/// environment (`/proc/<pid>/environ`, readable as root: the test host runs the tests as root)
+/// names one of `marks` or a path under it (see [`names_path`]). This is how a test finds what
+/// it started itself, and only that: husk-vmm names its sandbox's vsock socket and share (under
+/// the runtime's `--root` or the shim's `HUSK_SHIM_ROOT`) and its console log, the supervisor its
+/// `--root` and `--config`, a shim containerd's socket and the `HUSK_SHIM_ROOT` it inherited.
+pub fn processes_naming(marks: &[&Path]) -> Vec<Process> {
+    use std::os::unix::ffi::OsStrExt;
+    let marks: Vec<&[u8]> = marks.iter().map(|m| m.as_os_str().as_bytes()).collect();
+    let mut mine = vec![std::process::id()];
+    while let Some(parent) = mine.last().and_then(|p| parent_of(*p)) {
+        if parent == 0 || mine.contains(&parent) {
+            break;
         }
+        mine.push(parent);
+    }
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if mine.contains(&pid) {
+            continue;
+        }
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let environ = fs::read(entry.path().join("environ")).unwrap_or_default();
+        let named = cmdline
+            .split(|b| *b == 0)
+            .chain(environ.split(|b| *b == 0))
+            .any(|value| marks.iter().any(|mark| names_path(value, mark)));
+        if !named || !process_runs(pid) {
+            continue;
+        }
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let program = args
+            .first()
+            .and_then(|a| Path::new(a).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        found.push(Process { pid, program, args });
+    }
+    found.sort_by_key(|p| p.pid);
+    found
+}
+
+/// Kills (SIGKILL) every process [`processes_naming`] finds for `marks`, and what they start
+/// meanwhile, and waits (at most 10 s) until they are gone (a zombie counts as gone: it holds
+/// nothing). Returns what was killed.
+pub fn kill_processes_naming(marks: &[&Path]) -> Vec<Process> {
+    let mut killed: Vec<Process> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = processes_naming(marks);
+        if found.is_empty() {
+            return killed;
+        }
+        if Instant::now() >= deadline {
+            let left: Vec<String> = found.iter().map(Process::to_string).collect();
+            eprintln!("warning: still running after SIGKILL: {left:?}");
+            return killed;
+        }
+        for process in found {
+            if let Ok(pid) = i32::try_from(process.pid) {
+                // SAFETY: kill(2) takes plain integers; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if !killed.iter().any(|k| k.pid == process.pid) {
+                killed.push(process);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Undoes the octal escapes of `/proc/self/mountinfo` (`\040` for a space, ...).
+fn unescape_mount_point(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Mount points at or under `dir`, from `/proc/self/mountinfo`, in mount order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Detaches (`umount -l`) every mount at or under `dirs`, the most recent first.
+pub fn unmount_under(dirs: &[&Path]) {
+    use std::os::unix::ffi::OsStrExt;
+    let mut points: Vec<PathBuf> = dirs.iter().flat_map(|d| mounts_under(d)).collect();
+    points.dedup();
+    for point in points.iter().rev() {
+        let Ok(c_path) = std::ffi::CString::new(point.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: umount2(2) reads the NUL-terminated path, which outlives the call.
+        let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+                eprintln!("warning: cannot detach {}: {e}", point.display());
+            }
+        }
+    }
+}
+
+/// Detaches the mounts under `dir` and removes it with its contents, unless a mount is still
+/// there (then it stays, with a warning: removing it would delete through the mount).
+fn remove_tree(dir: &Path) {
+    unmount_under(&[dir]);
+    let left = mounts_under(dir);
+    if !left.is_empty() {
+        eprintln!(
+            "warning: not removing {}: mounts are still under it: {left:?}",
+            dir.display()
+        );
+        return;
+    }
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            eprintln!("warning: cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
+/// What a test fixture's `Drop` does so that a failed test leaves nothing for the next test's
+/// leak check: kills what the test left running (every process [`processes_naming`] `marks`,
+/// the test's own root and directories), then detaches the mounts under `marks` and removes
+/// `remove`, and the sandbox directory (the `--vsock-uds` socket's) of every husk-vmm killed
+/// when it lies elsewhere (podman's containers under the default root `/run/husk`). Says on
+/// stderr what it had to kill. It runs after the test's own leak assertions, which it does not
+/// replace: a test that leaked still fails.
+pub fn clean_up(marks: &[&Path], remove: &[&Path]) {
+    let killed = kill_processes_naming(marks);
+    let mut dirs: Vec<PathBuf> = remove.iter().map(|d| d.to_path_buf()).collect();
+    if !killed.is_empty() {
+        let shown: Vec<String> = killed.iter().map(Process::to_string).collect();
+        eprintln!("clean-up: killed what the test left running: {shown:?}");
+        for process in killed.iter().filter(|p| p.program == "husk-vmm") {
+            let sandbox = process
+                .arg_after("--vsock-uds")
+                .and_then(|uds| Path::new(uds).parent());
+            if let Some(sandbox) = sandbox {
+                if !marks.iter().any(|m| sandbox.starts_with(m)) {
+                    dirs.push(sandbox.to_path_buf());
+                }
+            }
+        }
+    }
+    unmount_under(marks);
+    for dir in &dirs {
+        remove_tree(dir);
     }
 }
 
@@ -680,6 +928,93 @@ mod tests {
         assert!(path.is_dir());
         drop(dir);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_path_is_named_by_itself_what_is_under_it_and_key_values_not_by_a_longer_name() {
+        let mark = b"/run/husk-e2e-1-1";
+        for named in [
+            &b"/run/husk-e2e-1-1"[..],
+            b"/run/husk-e2e-1-1/c1/vsock.sock",
+            b"/run/husk-e2e-1-1/c1/shared,tag=husk-shared",
+            b"HUSK_SHIM_ROOT=/run/husk-e2e-1-1",
+            b"--root=/run/husk-e2e-1-1/x",
+        ] {
+            assert!(
+                names_path(named, mark),
+                "{}",
+                String::from_utf8_lossy(named)
+            );
+        }
+        for other in [
+            &b"/run/husk-e2e-1-10"[..],
+            b"/run/husk-e2e-1-10/c1/vsock.sock",
+            b"x/run/husk-e2e-1-1",
+            b"",
+        ] {
+            assert!(
+                !names_path(other, mark),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        assert!(!names_path(b"/anything", b""));
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(
+            unescape_mount_point("/tmp/a\\040b\\134c"),
+            PathBuf::from("/tmp/a b\\c")
+        );
+        assert_eq!(unescape_mount_point("/x\\09"), PathBuf::from("/x\\09"));
+    }
+
+    #[test]
+    fn the_processes_naming_a_directory_are_found_and_killed_and_no_other() {
+        let mine = TempDir::new("procs");
+        let other = PathBuf::from(format!("{}0", mine.path().display()));
+        // Named by argv[0] (a link to sleep in the directory), by the environment, and a
+        // process naming a longer path that starts with the same characters.
+        let link = mine.path().join("sleep");
+        std::os::unix::fs::symlink(require_program("sleep", "coreutils"), &link)
+            .unwrap_or_else(|e| panic!("symlink: {e}"));
+        let mut by_arg = Watched::spawn("by-arg", Command::new(&link).arg("60"));
+        let mut by_env = Command::new("sleep");
+        by_env.arg("61").env("HUSK_SHIM_ROOT", mine.path());
+        let mut by_env = Watched::spawn("by-env", &mut by_env);
+        let mut elsewhere = Command::new("sleep");
+        elsewhere.arg("62").env("HUSK_SHIM_ROOT", &other);
+        let mut elsewhere = Watched::spawn("elsewhere", &mut elsewhere);
+        // Until both have exec'd.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while processes_naming(&[mine.path()]).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let found: Vec<u32> = processes_naming(&[mine.path()])
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        let killed = kill_processes_naming(&[mine.path()]);
+
+        let mut want = vec![by_arg.id(), by_env.id()];
+        want.sort_unstable();
+        assert_eq!(found, want);
+        assert!(killed.iter().all(|p| p.program == "sleep"), "{killed:?}");
+        assert_eq!(
+            killed.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            want,
+            "{killed:?}"
+        );
+        assert!(by_arg.wait_exit(Duration::from_secs(10)).is_ok());
+        assert!(by_env.wait_exit(Duration::from_secs(10)).is_ok());
+        assert!(
+            process_runs(elsewhere.id()),
+            "a process of another directory was killed"
+        );
+        assert!(processes_naming(&[mine.path()]).is_empty());
+        elsewhere.kill();
     }
 
     #[test]

@@ -19,8 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_e2e::containerd::{
-    describe, processes_named, shim_sockets, Containerd, Line, Options, HUSK_HANDLER, HUSK_RUNTIME,
-    IMAGE, SHIM,
+    describe, shim_sockets, Containerd, Line, Options, HUSK_HANDLER, HUSK_RUNTIME, IMAGE, SHIM,
 };
 use husk_e2e::cri::{self, api, Cri};
 
@@ -309,8 +308,16 @@ fn pod_with_two_containers_sharing_one_vm(line: Line) {
 
     // One VM for the pod: one shim, one husk-vmm, the same guest kernel in both containers
     // (not the host's).
-    assert_eq!(processes_named("husk-vmm").len(), 1, "one VM for the pod");
-    assert_eq!(processes_named(SHIM).len(), 1, "one shim for the pod");
+    assert_eq!(
+        setup.containerd.processes("husk-vmm").len(),
+        1,
+        "one VM for the pod"
+    );
+    assert_eq!(
+        setup.containerd.processes(SHIM).len(),
+        1,
+        "one shim for the pod"
+    );
     // Where this containerd line keeps what the nothing-left check looks at: the shim's socket
     // in /run/containerd/s, the CRI plugin's sandbox and container directories.
     let sockets: Vec<_> = shim_sockets()
@@ -449,7 +456,7 @@ fn cri_vmm_killed_containers_exit_and_the_pod_is_removed() {
     let id = setup.start_container(&pod_id, &pod, &config);
     setup.wait_container_state(&id, api::ContainerState::ContainerRunning);
 
-    let vmms = processes_named("husk-vmm");
+    let vmms = setup.containerd.processes("husk-vmm");
     assert_eq!(vmms.len(), 1, "husk-vmm processes: {vmms:?}");
     // SAFETY: kill has no memory-safety preconditions.
     let rc = unsafe { libc::kill(vmms[0] as i32, libc::SIGKILL) };

@@ -75,8 +75,13 @@ struct Husk {
 }
 
 impl Drop for Husk {
+    /// Whatever the test left, and only that: the processes naming its root or its directory
+    /// (supervisors, relays, husk-vmm, conmon) are killed, the mounts under them detached, the
+    /// root removed (the directory goes with `dir`). A test's own leak checks
+    /// ([`Husk::assert_clean`]) ran before, so a leak still fails the test that leaked; this only
+    /// keeps it from failing the next one.
     fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.root);
+        husk_e2e::clean_up(&[&self.root, self.dir.path()], &[&self.root]);
     }
 }
 
@@ -263,46 +268,11 @@ impl Husk {
             let left: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
             assert!(left.is_empty(), "left under {}: {left:?}", root.display());
         }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        let root_text = root.to_string_lossy().into_owned();
-        let mounts: Vec<_> = mountinfo
-            .lines()
-            .filter(|l| l.contains(&root_text))
-            .collect();
+        let mounts = husk_e2e::mounts_under(&root);
         assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-        let procs = processes_naming(&root_text);
+        let procs = husk_e2e::processes_naming(&[&root]);
         assert!(procs.is_empty(), "processes left: {procs:?}");
     }
-}
-
-/// Processes whose command line mentions `needle` (other than this test).
-/// Whether `pid` is a live process (not gone, not a zombie waiting for its reaper).
-fn process_runs(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name's closing parenthesis.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-fn processes_naming(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let me = std::process::id().to_string();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(format!("{name}: {cmdline}"));
-            }
-        }
-    }
-    found
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -508,7 +478,7 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
         "exec --detach: {}",
         husk.explain(&out)
     );
-    let relay: i32 = fs::read_to_string(&pid_file)
+    let relay: u32 = fs::read_to_string(&pid_file)
         .expect("exec --detach writes the pid file")
         .trim()
         .parse()
@@ -521,7 +491,7 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     );
     wait_for_text(&detached_out, "detached-done", Duration::from_secs(60));
     let start = Instant::now();
-    while process_runs(relay) {
+    while husk_e2e::process_runs(relay) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "the relay {relay} outlived its process"
@@ -991,6 +961,11 @@ fn podman_runs_containers_with_husk() {
         before,
         "containers left under /run/husk"
     );
-    let procs = processes_naming("husk-vmm");
+    // This test's VMs: their console logs are in its directory (their sockets under the
+    // default root, which other users of the machine share).
+    let procs: Vec<_> = husk_e2e::processes_naming(&[husk.dir.path()])
+        .into_iter()
+        .filter(|p| p.program == "husk-vmm")
+        .collect();
     assert!(procs.is_empty(), "processes left: {procs:?}");
 }

@@ -16,9 +16,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Instant;
 
-use husk_e2e::containerd::{
-    describe, processes_named, Containerd, Line, HUSK_RUNTIME as RUNTIME, IMAGE, SHIM,
-};
+use husk_e2e::containerd::{describe, Containerd, Line, HUSK_RUNTIME as RUNTIME, IMAGE, SHIM};
 
 #[test]
 fn shim_ctr_run_prints_output_and_propagates_the_exit_code_on_containerd_1_6() {
@@ -216,7 +214,7 @@ fn shim_vmm_killed_reports_the_exit_and_cleans_up() {
         "1000",
     ]);
     containerd.wait_status("doomed", "RUNNING");
-    let vmms = processes_named("husk-vmm");
+    let vmms = containerd.processes("husk-vmm");
     assert_eq!(vmms.len(), 1, "husk-vmm processes: {vmms:?}");
     // SAFETY: kill has no memory-safety preconditions.
     let rc = unsafe { libc::kill(vmms[0] as i32, libc::SIGKILL) };
@@ -298,13 +296,13 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     ]);
     containerd.wait_status("app1", "RUNNING");
     assert_eq!(
-        processes_named("husk-vmm").len(),
+        containerd.processes("husk-vmm").len(),
         1,
         "one VM for the pod\ncontainerd log:\n{}",
         containerd.log()
     );
     assert_eq!(
-        processes_named(SHIM).len(),
+        containerd.processes(SHIM).len(),
         1,
         "one shim for the pod\ncontainerd log:\n{}",
         containerd.log()
@@ -315,7 +313,7 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     );
 
     // The VM's size: 2 vCPUs and the pod's 384 MiB plus the default 64 MiB overhead.
-    let vmm = processes_named("husk-vmm");
+    let vmm = containerd.processes("husk-vmm");
     let cmdline = fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap_or_default();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
@@ -362,7 +360,11 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     containerd.wait_status("app1", "STOPPED");
     containerd.ctr_ok(&["task", "delete", "app1"]);
     containerd.ctr_ok(&["container", "delete", "app1"]);
-    assert_eq!(processes_named("husk-vmm").len(), 1, "the pod's VM stays");
+    assert_eq!(
+        containerd.processes("husk-vmm").len(),
+        1,
+        "the pod's VM stays"
+    );
     boot_id(&containerd, "pod1", "b3");
 
     containerd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1"]);

@@ -442,9 +442,9 @@ fn shim_killed_shim_is_cleaned_up_by_the_delete_command() {
         "100000",
     ]);
     containerd.wait_status("orphan", "RUNNING");
-    let shims = processes_named(SHIM);
+    let shims = containerd.processes(SHIM);
     assert_eq!(shims.len(), 1, "shims: {shims:?}");
-    assert_eq!(processes_named("husk-vmm").len(), 1);
+    assert_eq!(containerd.processes("husk-vmm").len(), 1);
     // SAFETY: kill has no memory-safety preconditions.
     let rc = unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
     assert_eq!(rc, 0, "kill -9 the shim");
