@@ -8,15 +8,15 @@ use husk_agent_protocol::AgentClient;
 use oci_spec::runtime::{ContainerState, Spec, State, StateBuilder};
 use tokio::runtime::Runtime;
 
-use crate::agent::{self, AgentError};
 use crate::cli::Cli;
 use crate::commands::CommandError;
 use crate::hooks::{self, HookKind};
 use crate::id::ContainerId;
 use crate::lifecycle::{self, Operation};
-use crate::sandbox::SandboxPaths;
 use crate::store::{self, ContainerLock, Record, Store, RECORD_VERSION};
 use crate::supervisor::{self, Launch, Prepared, SupervisorError};
+use husk_sandbox::guest::{self, GuestError};
+use husk_sandbox::paths::SandboxPaths;
 
 /// The container's spec as `create` loaded it (for the hooks of `start` and `delete`, and the
 /// defaults of `exec`), in its state directory.
@@ -208,12 +208,12 @@ impl Locked {
 
     /// The container's vsock socket.
     pub fn vsock(&self) -> std::path::PathBuf {
-        self.lock.dir().join(crate::sandbox::VSOCK_FILE)
+        self.lock.dir().join(husk_sandbox::paths::VSOCK_FILE)
     }
 
     /// Connects to the container's agent.
-    pub fn agent(&self) -> Result<(Runtime, AgentClient), AgentError> {
-        agent::connect_blocking(&self.vsock())
+    pub fn agent(&self) -> Result<(Runtime, AgentClient), GuestError> {
+        guest::connect_blocking(&self.vsock())
     }
 
     /// The container's OCI state JSON (for hooks).

@@ -3,27 +3,20 @@
 //! maps errors to exit statuses.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod agent;
-pub mod bundle;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
-pub mod config;
 pub mod console;
 pub mod container;
 pub mod exit;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod hooks;
 pub mod host;
-pub mod id;
 pub mod lifecycle;
 pub mod logging;
 pub mod relay;
-pub mod sandbox;
-pub mod share;
 pub mod signal;
-pub mod sizing;
 pub mod store;
 pub mod supervisor;
-pub mod vsock;
+
+// The sandbox core's modules, under the names the runtime has always used.
+pub use husk_sandbox::{bundle, config, id, share, sizing};

@@ -4,21 +4,14 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::time::Duration;
 
-use husk_agent_protocol::{AgentClient, ClientError, MAX_IO_CHUNK};
+use husk_agent_protocol::ClientError;
+use husk_sandbox::pump::{self, Output, ProcessId, OUTPUT_DRAIN};
+use husk_sandbox::SharedGuest;
 use nix::sys::termios::{self, SetArg, Termios};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::console::{self, ConsoleError};
-
-/// Size of one read from the agent or from the host side.
-const CHUNK: usize = 64 * 1024;
-/// How long the process's output may keep coming after it ended (output of its children).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a terminal's size is checked for changes.
-const RESIZE_POLL: Duration = Duration::from_millis(500);
 
 /// Errors setting up a process's stdio on the host.
 #[derive(Debug, thiserror::Error)]
@@ -88,27 +81,31 @@ pub struct Attached {
 }
 
 /// Starts relaying the stdio of process (`container`, `exec_id`) (tokio tasks).
-pub fn attach(client: &AgentClient, container: &str, exec_id: &str, stdio: HostStdio) -> Attached {
-    let task_of = |client: &AgentClient| (client.clone(), container.to_owned(), exec_id.to_owned());
+pub fn attach(guest: &SharedGuest, container: &str, exec_id: &str, stdio: HostStdio) -> Attached {
+    let process = ProcessId::new(container, exec_id);
+    let task_of = || (guest.clone(), process.clone());
     match stdio {
         HostStdio::Inherited => {
-            let (c, i, e) = task_of(client);
+            let (g, p) = task_of();
             let stdout = tokio::spawn(async move {
                 log_end(
                     "stdout",
-                    copy_output(&c, &i, &e, Output::Stdout, tokio::io::stdout()).await,
+                    pump::copy_output(g.as_ref(), &p, Output::Stdout, tokio::io::stdout()).await,
                 );
             });
-            let (c, i, e) = task_of(client);
+            let (g, p) = task_of();
             let stderr = tokio::spawn(async move {
                 log_end(
                     "stderr",
-                    copy_output(&c, &i, &e, Output::Stderr, tokio::io::stderr()).await,
+                    pump::copy_output(g.as_ref(), &p, Output::Stderr, tokio::io::stderr()).await,
                 );
             });
-            let (c, i, e) = task_of(client);
+            let (g, p) = task_of();
             let input = tokio::spawn(async move {
-                log_end("stdin", copy_input(&c, &i, &e, tokio::io::stdin()).await);
+                log_end(
+                    "stdin",
+                    pump::copy_input(g.as_ref(), &p, tokio::io::stdin()).await,
+                );
             });
             Attached {
                 outputs: vec![stdout, stderr],
@@ -122,22 +119,26 @@ pub fn attach(client: &AgentClient, container: &str, exec_id: &str, stdio: HostS
             output,
             restore,
         } => {
-            let (c, i, e) = task_of(client);
+            let (g, p) = task_of();
             let watched = output.try_clone().ok();
-            let resize = tokio::spawn(follow_window_size(c, i, e, watched));
-            let (c, i, e) = task_of(client);
+            let resize = tokio::spawn(async move {
+                if let Some(tty) = watched {
+                    pump::follow_window_size(g.as_ref(), &p, || window_size(tty.as_fd())).await;
+                }
+            });
+            let (g, p) = task_of();
             let out = tokio::spawn(async move {
                 let out = async_file(output);
                 log_end(
                     "terminal output",
-                    copy_output(&c, &i, &e, Output::Stdout, out).await,
+                    pump::copy_output(g.as_ref(), &p, Output::Stdout, out).await,
                 );
             });
-            let (c, i, e) = task_of(client);
+            let (g, p) = task_of();
             let input = tokio::spawn(async move {
                 log_end(
                     "terminal input",
-                    copy_input(&c, &i, &e, async_file(input)).await,
+                    pump::copy_input(g.as_ref(), &p, async_file(input)).await,
                 );
             });
             Attached {
@@ -166,8 +167,8 @@ impl Attached {
                     let _ = task.await;
                 }
             };
-            if tokio::time::timeout(DRAIN_TIMEOUT, outputs).await.is_err() {
-                tracing::warn!("output still open {DRAIN_TIMEOUT:?} after the process ended");
+            if tokio::time::timeout(OUTPUT_DRAIN, outputs).await.is_err() {
+                tracing::warn!("output still open {OUTPUT_DRAIN:?} after the process ended");
             }
         }
         self.input.abort();
@@ -177,94 +178,6 @@ impl Attached {
         if let Some((fd, saved)) = self.restore {
             let _ = termios::tcsetattr(&fd, SetArg::TCSANOW, &saved);
         }
-    }
-}
-
-/// Sends the terminal's size to the guest now and whenever it changes.
-async fn follow_window_size(
-    client: AgentClient,
-    container: String,
-    exec_id: String,
-    tty: Option<OwnedFd>,
-) {
-    let Some(tty) = tty else {
-        return;
-    };
-    let mut last = None;
-    loop {
-        let size = window_size(tty.as_fd());
-        if let Some((rows, cols)) = size.filter(|_| size != last) {
-            let resized = client
-                .tty_win_resize(&container, &exec_id, u32::from(rows), u32::from(cols))
-                .await;
-            log_end("resize", resized);
-            last = size;
-        }
-        tokio::time::sleep(RESIZE_POLL).await;
-    }
-}
-
-/// Which of the process's output streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    Stdout,
-    Stderr,
-}
-
-/// Copies one output stream of process (`container`, `exec_id`) to `out` until end of file.
-/// When `out` fails (a closed pipe), the rest is read and discarded, so the process never blocks
-/// on a full pipe in the guest. Returns the agent's error, if any.
-pub async fn copy_output<W: AsyncWrite + Unpin>(
-    client: &AgentClient,
-    container: &str,
-    exec_id: &str,
-    which: Output,
-    mut out: W,
-) -> Result<(), ClientError> {
-    let mut writable = true;
-    loop {
-        let chunk = match which {
-            Output::Stdout => client.read_stdout(container, exec_id, CHUNK).await?,
-            Output::Stderr => client.read_stderr(container, exec_id, CHUNK).await?,
-        };
-        let Some(data) = chunk else {
-            return Ok(());
-        };
-        if writable {
-            let written = async {
-                out.write_all(&data).await?;
-                out.flush().await
-            }
-            .await;
-            if let Err(err) = written {
-                tracing::debug!("{which:?} of {container} {exec_id}: {err}; discarding the rest");
-                writable = false;
-            }
-        }
-    }
-}
-
-/// Copies `input` to the process's stdin until end of file, then closes its stdin. A read error
-/// counts as end of file.
-pub async fn copy_input<R: AsyncRead + Unpin>(
-    client: &AgentClient,
-    container: &str,
-    exec_id: &str,
-    mut input: R,
-) -> Result<(), ClientError> {
-    let mut buf = vec![0u8; CHUNK.min(MAX_IO_CHUNK)];
-    loop {
-        let n = match input.read(&mut buf).await {
-            Ok(n) => n,
-            Err(err) => {
-                tracing::debug!("stdin of {container} {exec_id}: {err}");
-                0
-            }
-        };
-        let Some(data) = buf.get(..n).filter(|d| !d.is_empty()) else {
-            return client.close_stdin(container, exec_id).await;
-        };
-        client.write_all_stdin(container, exec_id, data).await?;
     }
 }
 

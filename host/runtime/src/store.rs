@@ -408,22 +408,8 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_error("fsync", dir))
 }
 
-/// `starttime` (clock ticks after boot) of process `pid`, or `None` if it does not exist.
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    if pid <= 0 {
-        return None;
-    }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
-}
-
-/// Field 22 of /proc/PID/stat. The command name (field 2) may contain spaces and parentheses,
-/// so fields are counted after its last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let after_comm = stat.get(stat.rfind(')')?.checked_add(1)?..)?;
-    // After the command come field 3 (state) onwards; starttime is field 22.
-    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
-}
+/// `starttime` (clock ticks after boot) of process `pid` (the sandbox core's one rule).
+pub use husk_sandbox::process::start_time as process_start_time;
 
 /// Now as RFC 3339 UTC with nanoseconds, like runc's `created`.
 pub fn now_rfc3339() -> String {
@@ -744,14 +730,6 @@ mod tests {
         assert_eq!(*dead.current_state().status(), ContainerState::Stopped);
         let no_pid = record("a", ContainerState::Created, None);
         assert_eq!(*no_pid.current_state().status(), ContainerState::Stopped);
-    }
-
-    #[test]
-    fn start_time_is_parsed_after_the_command_name() {
-        let stat = "42 (a) b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(parse_start_time(stat), Some(987_654));
-        assert_eq!(parse_start_time("42 (short) S 1"), None);
-        assert_eq!(parse_start_time("garbage"), None);
     }
 
     #[test]

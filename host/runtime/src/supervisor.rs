@@ -10,22 +10,22 @@
 //! an answer means the supervisor died.
 
 use std::ffi::OsString;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use husk_agent_protocol::agent::{CreateContainerRequest, CreateSandboxRequest, Storage};
-use husk_agent_protocol::AgentClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use husk_agent_protocol::agent::CreateContainerRequest;
+use husk_sandbox::guest::{self, GuestError};
+use husk_sandbox::paths::{PathError, SandboxPaths};
+use husk_sandbox::process::Recorded;
+use husk_sandbox::vm::{self, BootSpec, Host, Layout, Sandbox, SandboxError};
+use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::agent::{self, AgentError};
 use crate::bundle::{self, Bundle, BundleError};
 use crate::cgroup::{self, CgroupError};
 use crate::cli::Cli;
@@ -34,21 +34,15 @@ use crate::console::ConsoleError;
 use crate::exit;
 use crate::id::ContainerId;
 use crate::relay::{self, HostStdio};
-use crate::sandbox::{self, SandboxError, SandboxPaths, SHARE_TAG};
-use crate::share::{self, HostMounter, ShareError, SharePlan, GUEST_SHARE_DIR};
+use crate::share::{self, ShareError, SharePlan};
 use crate::sizing::{self, SizingError, VmSize};
-use crate::store::Store;
 
 /// The supervisor's file descriptor carrying its answer to `create`.
 pub const ANSWER_FD: RawFd = 3;
 /// Most bytes of an answer read by `create`.
 const MAX_ANSWER: u64 = 64 * 1024;
-/// How long the guest may take from husk-vmm's start to the agent's answer.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long husk-vmm gets to stop after SIGTERM before SIGKILL.
-const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
-/// The last bytes of husk-vmm's log shown when it fails.
-const LOG_TAIL: u64 = 2048;
+/// How long `delete` waits for a supervisor to end after SIGTERM before SIGKILL.
+const SUPERVISOR_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a sandbox could not be set up or supervised.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +56,11 @@ pub enum SupervisorError {
     #[error(transparent)]
     Share(#[from] ShareError),
     #[error(transparent)]
+    Paths(#[from] PathError),
+    #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Agent(#[from] GuestError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
     #[error(transparent)]
@@ -83,15 +79,6 @@ pub enum SupervisorError {
         what: &'static str,
         #[source]
         source: io::Error,
-    },
-    /// husk-vmm ended before the sandbox was ready.
-    #[error(
-        "husk-vmm exited ({status}) before the agent answered; its log ({log}) ends with: {tail}"
-    )]
-    VmmExited {
-        status: String,
-        log: PathBuf,
-        tail: String,
     },
     /// A file operation failed.
     #[error("cannot {action} {path}: {source}")]
@@ -127,15 +114,6 @@ impl SupervisorError {
             SupervisorError::Reported { status, .. } => *status,
             _ => exit::FAILURE,
         }
-    }
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SupervisorError {
-    let path = path.to_path_buf();
-    move |source| SupervisorError::Io {
-        action,
-        path,
-        source,
     }
 }
 
@@ -182,7 +160,7 @@ impl Prepared {
             .and_then(|l| l.resources().as_ref());
         let size = sizing::vm_size(resources, &config)?;
         let plan = share::plan(&bundle, id)?;
-        let paths = SandboxPaths::new(&Store::new(cli.root()), &config, id)?;
+        let paths = SandboxPaths::new(&cli.root(), &config, id)?;
         let cgroup = host_cgroup(&bundle.spec, cli.systemd_cgroup)?;
         Ok(Self {
             config,
@@ -418,7 +396,7 @@ pub(crate) fn take_answer_fd() -> Option<File> {
 /// supervisor exits with its status.
 pub fn run(cli: &Cli, id: &ContainerId, bundle_dir: &Path, console_socket: Option<&Path>) -> u8 {
     let mut answer = take_answer_fd();
-    let rt = match agent::runtime() {
+    let rt = match guest::runtime() {
         Ok(rt) => rt,
         Err(err) => {
             let result = Err(SupervisorError::from(err));
@@ -484,43 +462,6 @@ fn finish(code: i32, signal: i32) -> u8 {
     u8::try_from(code & 0xff).unwrap_or(exit::FAILURE)
 }
 
-/// What the supervisor holds, undone by [`Sandbox::teardown`].
-struct Sandbox {
-    paths: SandboxPaths,
-    vmm: Option<tokio::process::Child>,
-}
-
-impl Sandbox {
-    /// Stops husk-vmm (SIGTERM, then SIGKILL after a grace period) and removes the share.
-    async fn teardown(&mut self) {
-        if let Some(mut vmm) = self.vmm.take() {
-            stop_vmm(&mut vmm).await;
-        }
-        let _ = fs::remove_file(&self.paths.vmm_pid);
-        if let Err(err) =
-            share::remove_share(&self.paths.shared, &HostMounter, &share::read_mountinfo)
-        {
-            tracing::error!("{err}");
-        }
-    }
-}
-
-async fn stop_vmm(vmm: &mut tokio::process::Child) {
-    if let Ok(Some(_)) = vmm.try_wait() {
-        return;
-    }
-    if let Some(pid) = vmm.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
-    if tokio::time::timeout(VMM_STOP_GRACE, vmm.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("husk-vmm did not stop within {VMM_STOP_GRACE:?}; killing it");
-        let _ = vmm.kill().await;
-    }
-}
-
 /// Sets up the sandbox, answers `create`, then supervises the container's process.
 async fn supervise(
     id: &ContainerId,
@@ -528,76 +469,74 @@ async fn supervise(
     console_socket: Option<&Path>,
     answer: &mut Option<File>,
 ) -> Ended {
-    let mut sandbox = Sandbox {
-        paths: prepared.paths.clone(),
-        vmm: None,
-    };
-    let setup = set_up(id, &prepared, console_socket, &mut sandbox).await;
-    let (client, stdio) = match setup {
+    let host = Host::real();
+    let (sandbox, stdio) = match set_up(&host, id, &prepared, console_socket).await {
         Ok(ready) => ready,
-        Err(err) => {
+        Err((err, sandbox)) => {
             let status = err.exit_code();
-            sandbox.teardown().await;
+            if let Some(sandbox) = sandbox {
+                sandbox.shutdown().await;
+            }
             send_answer(answer, &Err(err));
             return Ended::Failed(status);
         }
     };
     send_answer(answer, &Ok(()));
-    let ended = wait_for_process(id, &client, stdio, &mut sandbox).await;
-    sandbox.teardown().await;
+    let ended = wait_for_process(id, &sandbox, stdio).await;
+    sandbox.shutdown().await;
     ended
 }
 
+/// A failure of [`set_up`], with the sandbox when it was already booted.
+type SetUpFailure = (SupervisorError, Option<Sandbox>);
+
 async fn set_up(
+    host: &Host,
     id: &ContainerId,
     prepared: &Prepared,
     console_socket: Option<&Path>,
-    sandbox: &mut Sandbox,
-) -> Result<(AgentClient, HostStdio), SupervisorError> {
-    let paths = &prepared.paths;
+) -> Result<(Sandbox, HostStdio), SetUpFailure> {
     if let Some(dir) = &prepared.cgroup {
         // husk-vmm, started below, inherits it.
-        cgroup::enter(dir)?;
+        cgroup::enter(dir).map_err(|e| (e.into(), None))?;
         tracing::debug!("{id}: in cgroup {}", dir.display());
     }
-    share::create_share(&paths.shared, &HostMounter)?;
-    share::bind_all(&paths.shared, &prepared.plan, &HostMounter)?;
-    if let Some(dir) = paths.console.parent() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err("create the console log directory", dir))?;
-    }
     let started = std::time::Instant::now();
-    let vmm = spawn_vmm(&prepared.config, prepared.size, paths)?;
-    let vmm = sandbox.vmm.insert(vmm);
-    tracing::debug!(pid = vmm.id(), "{id}: husk-vmm started");
-    let client = tokio::select! {
-        client = agent::connect(&paths.vsock, BOOT_TIMEOUT) => client?,
-        status = vmm.wait() => {
-            let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-            return Err(SupervisorError::VmmExited {
-                status,
-                log: paths.vmm_log.clone(),
-                tail: log_tail(&paths.vmm_log),
-            });
+    let hostname = prepared.bundle.spec.hostname().clone().unwrap_or_default();
+    let sandbox = Sandbox::boot(
+        host,
+        BootSpec {
+            id,
+            config: &prepared.config,
+            size: prepared.size,
+            hostname,
+            paths: prepared.paths.clone(),
+            layout: Layout::InDirectory,
+        },
+    )
+    .await
+    .map_err(|e| (e.into(), None))?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "{id}: sandbox ready");
+    match create_container(id, prepared, &sandbox, console_socket).await {
+        Ok(stdio) => {
+            tracing::debug!(
+                ms = started.elapsed().as_millis(),
+                "{id}: container created"
+            );
+            Ok((sandbox, stdio))
         }
-    };
-    tracing::debug!(ms = started.elapsed().as_millis(), "{id}: agent connected");
-    client
-        .create_sandbox(&CreateSandboxRequest {
-            sandbox_id: id.to_string(),
-            storages: vec![Storage {
-                source: SHARE_TAG.to_owned(),
-                fstype: "virtiofs".to_owned(),
-                mount_point: GUEST_SHARE_DIR.to_owned(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .await
-        .map_err(AgentError::from)?;
+        Err(err) => Err((err, Some(sandbox))),
+    }
+}
+
+/// Shares the container's rootfs and mounts and has the agent create it.
+async fn create_container(
+    id: &ContainerId,
+    prepared: &Prepared,
+    sandbox: &Sandbox,
+    console_socket: Option<&Path>,
+) -> Result<HostStdio, SupervisorError> {
+    sandbox.share(&prepared.plan)?;
     let mut spec = prepared.plan.guest_spec.clone();
     // Hooks are the runtime's (run on the host); the agent refuses them.
     spec.set_hooks(None);
@@ -606,7 +545,8 @@ async fn set_up(
         path: prepared.bundle.dir.clone(),
         source: io::Error::other(e),
     })?;
-    client
+    sandbox
+        .guest()
         .create_container(&CreateContainerRequest {
             container_id: id.to_string(),
             oci_spec_json: spec_json,
@@ -614,111 +554,37 @@ async fn set_up(
             ..Default::default()
         })
         .await
-        .map_err(AgentError::from)?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        "{id}: container created"
-    );
-    let stdio = if prepared.terminal() {
-        let size = prepared
-            .bundle
-            .spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.console_size())
-            .and_then(|b| {
-                Some((
-                    u16::try_from(b.height()).ok()?,
-                    u16::try_from(b.width()).ok()?,
-                ))
-            });
-        relay::terminal(console_socket, size)?
-    } else {
-        HostStdio::Inherited
-    };
-    Ok((client, stdio))
-}
-
-/// Starts husk-vmm: its output to `vmm.log`, killed (PR_SET_PDEATHSIG) if the supervisor dies,
-/// its PID in `vmm.pid`.
-fn spawn_vmm(
-    config: &Config,
-    size: VmSize,
-    paths: &SandboxPaths,
-) -> Result<tokio::process::Child, SupervisorError> {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&paths.vmm_log)
-        .map_err(io_err("create", &paths.vmm_log))?;
-    let log2 = log.try_clone().map_err(io_err("open", &paths.vmm_log))?;
-    let mut command = sandbox::vmm_command(config, size, paths);
-    command.stdin(Stdio::null()).stdout(log).stderr(log2);
-    // SAFETY: runs in the child between fork and exec; prctl with integer arguments is
-    // async-signal-safe and touches no memory of ours.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
+        .map_err(GuestError::from)?;
+    if !prepared.terminal() {
+        return Ok(HostStdio::Inherited);
+    }
+    let size = prepared
+        .bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.console_size())
+        .and_then(|b| {
+            Some((
+                u16::try_from(b.height()).ok()?,
+                u16::try_from(b.width()).ok()?,
+            ))
         });
-    }
-    let mut command = tokio::process::Command::from(command);
-    command.kill_on_drop(true);
-    let child = command.spawn().map_err(|source| SupervisorError::Spawn {
-        what: "husk-vmm",
-        source,
-    })?;
-    if let Some(pid) = child.id() {
-        let dir = &paths.dir;
-        crate::store::write_atomic(dir, "vmm.pid", pid.to_string().as_bytes()).map_err(|e| {
-            SupervisorError::Io {
-                action: "write",
-                path: paths.vmm_pid.clone(),
-                source: io::Error::other(e),
-            }
-        })?;
-    }
-    Ok(child)
-}
-
-/// The last [`LOG_TAIL`] bytes of a log file, on one line.
-pub fn log_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    // Only the tail is read: the log can be large (guest-triggered warnings end up in it).
-    let read = || -> std::io::Result<Vec<u8>> {
-        let mut file = fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)))?;
-        let mut bytes = Vec::new();
-        file.take(LOG_TAIL).read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    let Ok(bytes) = read() else {
-        return "(unreadable)".to_owned();
-    };
-    String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
+    Ok(relay::terminal(console_socket, size)?)
 }
 
 /// Relays stdio and waits for the container's process, a termination signal, or husk-vmm's end.
-async fn wait_for_process(
-    id: &ContainerId,
-    client: &AgentClient,
-    stdio: HostStdio,
-    sandbox: &mut Sandbox,
-) -> Ended {
+async fn wait_for_process(id: &ContainerId, sandbox: &Sandbox, stdio: HostStdio) -> Ended {
     let cid = id.to_string();
-    let attached = relay::attach(client, &cid, "", stdio);
-    let ended = wait_events(&cid, client, sandbox).await;
+    let attached = relay::attach(sandbox.guest(), &cid, "", stdio);
+    let ended = wait_events(&cid, sandbox).await;
     attached
         .finish(matches!(ended, Ended::Process { .. }))
         .await;
     ended
 }
 
-async fn wait_events(cid: &str, client: &AgentClient, sandbox: &mut Sandbox) -> Ended {
+async fn wait_events(cid: &str, sandbox: &Sandbox) -> Ended {
     let signals = [
         SignalKind::terminate(),
         SignalKind::interrupt(),
@@ -737,11 +603,8 @@ async fn wait_events(cid: &str, client: &AgentClient, sandbox: &mut Sandbox) -> 
     let [term, int, hup] = streams.as_mut_slice() else {
         return Ended::Failed(exit::FAILURE);
     };
-    let Some(vmm) = sandbox.vmm.as_mut() else {
-        return Ended::Failed(exit::FAILURE);
-    };
     tokio::select! {
-        status = client.wait_process(cid, "") => match status {
+        status = sandbox.guest().wait_process(cid, "") => match status {
             Ok(status) => {
                 tracing::debug!(code = status.code, signal = status.signal, "{cid}: process ended");
                 Ended::Process { code: status.code, signal: status.signal }
@@ -751,8 +614,8 @@ async fn wait_events(cid: &str, client: &AgentClient, sandbox: &mut Sandbox) -> 
                 Ended::Failed(exit::FAILURE)
             }
         },
-        status = vmm.wait() => {
-            tracing::error!("{cid}: husk-vmm exited ({status:?}); log: {}", sandbox.paths.vmm_log.display());
+        status = sandbox.wait_exit() => {
+            tracing::error!("{cid}: husk-vmm exited ({status}); log: {}", sandbox.paths().vmm_log.display());
             Ended::Failed(exit::FAILURE)
         }
         _ = term.recv() => Ended::Signaled(libc::SIGTERM),
@@ -769,39 +632,15 @@ pub fn reap_sandbox(
     supervisor: Option<(i32, Option<u64>)>,
 ) -> Result<(), ShareError> {
     if let Some((pid, start)) = supervisor {
-        stop_process(pid, start, Duration::from_secs(10));
+        Recorded { pid, start }.stop(None, SUPERVISOR_STOP_GRACE);
     }
-    if let Some(pid) = fs::read_to_string(&paths.vmm_pid)
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        let start = crate::store::process_start_time(pid);
-        stop_process(pid, start, VMM_STOP_GRACE);
-    }
-    share::remove_share(&paths.shared, &HostMounter, &share::read_mountinfo)
+    vm::cleanup_leftovers(&Host::real(), paths, Layout::InDirectory)
 }
 
 /// SIGTERM to `pid` (when it is still the process started at `start`), SIGKILL after `grace`,
 /// and waits until it is gone.
 pub fn stop_process(pid: i32, start: Option<u64>, grace: Duration) {
-    let alive = || start.is_some() && crate::store::process_start_time(pid) == start;
-    if !alive() {
-        return;
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    let step = Duration::from_millis(20);
-    let mut waited = Duration::ZERO;
-    while alive() {
-        if waited >= grace {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        if waited >= grace.saturating_mul(2) {
-            tracing::warn!("process {pid} did not go away after SIGKILL");
-            return;
-        }
-        std::thread::sleep(step);
-        waited = waited.saturating_add(step);
-    }
+    Recorded { pid, start }.stop(None, grace);
 }
 
 #[cfg(test)]
@@ -845,19 +684,5 @@ mod tests {
         assert_eq!(finish(3, 0), 3);
         assert_eq!(finish(256 + 7, 0), 7);
         assert_eq!(finish(0, 0), 0);
-    }
-
-    #[test]
-    fn log_tails_are_one_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("vmm.log");
-        fs::write(&log, "a\nb\n").unwrap();
-        assert_eq!(log_tail(&log), "a | b");
-        assert_eq!(log_tail(&dir.path().join("none")), "(unreadable)");
-        let big = "x".repeat(3 * LOG_TAIL as usize) + "\nlast";
-        fs::write(&log, &big).unwrap();
-        let tail = log_tail(&log);
-        assert_eq!(tail.len(), LOG_TAIL as usize + 2, "{tail}");
-        assert!(tail.ends_with("x | last"));
     }
 }

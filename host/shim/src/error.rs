@@ -26,33 +26,25 @@ pub enum ShimError {
     Unsupported(&'static str),
     /// Loading the husk configuration failed.
     #[error("husk configuration: {0}")]
-    Config(#[from] husk_runtime::config::ConfigError),
+    Config(#[from] husk_sandbox::config::ConfigError),
     /// The bundle containerd prepared is not usable.
     #[error("bundle: {0}")]
-    Bundle(#[from] husk_runtime::bundle::BundleError),
+    Bundle(#[from] husk_sandbox::bundle::BundleError),
     /// The spec asks for a microVM husk refuses to build.
     #[error("microVM size: {0}")]
-    Sizing(#[from] husk_runtime::sizing::SizingError),
+    Sizing(#[from] husk_sandbox::sizing::SizingError),
     /// The sandbox's paths cannot be used.
     #[error("sandbox: {0}")]
-    Sandbox(#[from] husk_runtime::sandbox::SandboxError),
+    Paths(#[from] husk_sandbox::paths::PathError),
+    /// The sandbox's microVM could not be booted.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] husk_sandbox::SandboxError),
     /// Sharing the rootfs and mounts with the guest failed.
     #[error("share: {0}")]
-    Share(#[from] husk_runtime::share::ShareError),
-    /// The agent could not be reached through the VMM's vsock socket.
-    #[error("cannot reach husk-agent: {0}")]
-    Vsock(#[from] husk_runtime::vsock::VsockError),
+    Share(#[from] husk_sandbox::share::ShareError),
     /// The agent refused a request or the connection failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
-    /// husk-vmm stopped before the sandbox was ready.
-    /// The log is removed with the sandbox, so its end is part of the message.
-    #[error("husk-vmm exited while {doing} ({status}); its log ends with: {log_tail}")]
-    VmmExited {
-        doing: &'static str,
-        status: String,
-        log_tail: String,
-    },
     /// A host file or system call failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
@@ -89,10 +81,14 @@ impl ShimError {
             ShimError::InvalidArgument(_)
             | ShimError::Bundle(_)
             | ShimError::Sizing(_)
-            | ShimError::Sandbox(_)
+            | ShimError::Paths(_)
+            | ShimError::Sandbox(husk_sandbox::SandboxError::Paths(_))
             | ShimError::Log(crate::logger::LogError::BadUri { .. }) => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ShimError::AlreadyExists(_)
+            | ShimError::Sandbox(husk_sandbox::SandboxError::AlreadyExists { .. }) => {
+                Code::ALREADY_EXISTS
+            }
             ShimError::Unsupported(_) => Code::UNIMPLEMENTED,
             ShimError::Agent(err) => match err.code().map(|c| c.value()) {
                 Some(code) => ttrpc::Code::from_i32(code).unwrap_or(Code::UNKNOWN),

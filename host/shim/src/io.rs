@@ -7,19 +7,16 @@
 //! every writer of the process's stream is gone, so output is complete when they finish.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use husk_agent_protocol::{AgentClient, MAX_IO_CHUNK};
+use husk_sandbox::pump::{self, Output, ProcessId};
+use husk_sandbox::SharedGuest;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::logger::{open_log_file, BinaryLogger, LogError, LogUri, LoggedProcess, LoggerExit};
-
-/// Bytes read from containerd's stdin FIFO per `WriteStdin`.
-const STDIN_CHUNK: usize = 64 << 10;
 
 /// Where a process's stdio goes on the host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -128,18 +125,13 @@ impl PreparedIo {
     }
 
     /// Starts the relays, once the process exists in the guest.
-    pub fn start(self, agent: &AgentClient) -> Relays {
+    pub fn start(self, guest: &SharedGuest) -> Relays {
+        let process = ProcessId::new(&self.container, &self.exec);
         let mut outputs: Vec<JoinHandle<()>> = self
             .outputs
             .into_iter()
             .map(|(stderr, sink)| {
-                tokio::spawn(relay_output(
-                    agent.clone(),
-                    self.container.clone(),
-                    self.exec.clone(),
-                    stderr,
-                    sink,
-                ))
+                tokio::spawn(relay_output(guest.clone(), process.clone(), stderr, sink))
             })
             .collect();
         if let Some(logger) = self.logger {
@@ -154,13 +146,7 @@ impl PreparedIo {
         }
         let stdin_close = self.stdin.map(|path| {
             let (close_tx, close_rx) = oneshot::channel();
-            relay_stdin(
-                agent.clone(),
-                self.container.clone(),
-                self.exec.clone(),
-                path,
-                close_rx,
-            );
+            tokio::spawn(relay_stdin(guest.clone(), process.clone(), path, close_rx));
             close_tx
         });
         Relays {
@@ -198,21 +184,15 @@ fn open_output(path: &Path) -> std::io::Result<File> {
     Ok(write_only)
 }
 
-async fn relay_output(
-    agent: AgentClient,
-    container: String,
-    exec: String,
-    stderr: bool,
-    sink: Sink,
-) {
-    let (mut file, path) = match sink {
-        Sink::Open(file) => (Some(file), PathBuf::from("(log)")),
+async fn relay_output(guest: SharedGuest, process: ProcessId, stderr: bool, sink: Sink) {
+    let file = match sink {
+        Sink::Open(file) => Some(file),
         Sink::Path(path) => {
             let opened = {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || open_output(&path)).await
             };
-            let file = match opened {
+            match opened {
                 Ok(Ok(file)) => Some(file),
                 Ok(Err(err)) => {
                     warn!(path = %path.display(), %err, "cannot open the output FIFO; output is discarded");
@@ -222,49 +202,43 @@ async fn relay_output(
                     warn!(%err, "output FIFO open task failed");
                     None
                 }
-            };
-            (file, path)
+            }
         }
     };
-    loop {
-        let chunk = if stderr {
-            agent.read_stderr(&container, &exec, MAX_IO_CHUNK).await
-        } else {
-            agent.read_stdout(&container, &exec, MAX_IO_CHUNK).await
-        };
-        let data = match chunk {
-            Ok(Some(data)) => data,
-            Ok(None) => break,
-            Err(err) => {
-                debug!(%container, %exec, stderr, %err, "output relay ends");
-                break;
-            }
-        };
-        if let Some(mut f) = file.take() {
-            let written = tokio::task::spawn_blocking(move || f.write_all(&data).map(|()| f)).await;
-            match written {
-                Ok(Ok(f)) => file = Some(f),
-                Ok(Err(err)) => {
-                    // The reader went away (ctr exited): keep draining the agent's stream.
-                    debug!(path = %path.display(), %err, "output FIFO write failed");
-                }
-                Err(err) => warn!(%err, "output write task failed"),
-            }
+    let which = if stderr {
+        Output::Stderr
+    } else {
+        Output::Stdout
+    };
+    let result = match file {
+        Some(file) => {
+            pump::copy_output(
+                guest.as_ref(),
+                &process,
+                which,
+                tokio::fs::File::from_std(file),
+            )
+            .await
         }
+        // Nowhere to write: the output is still read, so the process never blocks on it.
+        None => pump::copy_output(guest.as_ref(), &process, which, tokio::io::sink()).await,
+    };
+    if let Err(err) = result {
+        debug!(container = %process.container, exec = %process.exec, stderr, %err, "output relay ends");
     }
 }
 
-fn relay_stdin(
-    agent: AgentClient,
-    container: String,
-    exec: String,
+/// Relays containerd's stdin FIFO to the process until end of file or CloseIO, then closes the
+/// process's stdin. Opening the FIFO blocks until containerd's writer appears and reads block
+/// until it writes, so both happen on a thread of its own (not tokio's blocking pool, whose
+/// threads the runtime waits for at shutdown), which ends at end of file or with the shim.
+async fn relay_stdin(
+    guest: SharedGuest,
+    process: ProcessId,
     path: PathBuf,
     mut close: oneshot::Receiver<()>,
 ) {
-    let handle = tokio::runtime::Handle::current();
     let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    // The reading side blocks (open waits for containerd's writer, reads wait for data): a
-    // thread of its own, which ends at end of file or when the shim exits.
     let reader_path = path.clone();
     let spawned = std::thread::Builder::new()
         .name("stdin-relay".into())
@@ -276,9 +250,9 @@ fn relay_stdin(
                     return;
                 }
             };
-            let mut buf = vec![0u8; STDIN_CHUNK];
+            let mut buf = vec![0u8; pump::CHUNK];
             loop {
-                match file.read(&mut buf) {
+                match std::io::Read::read(&mut file, &mut buf) {
                     Ok(0) => return,
                     Ok(n) => {
                         let chunk = buf.get(..n).unwrap_or_default().to_vec();
@@ -297,25 +271,23 @@ fn relay_stdin(
     if let Err(err) = spawned {
         warn!(%err, "cannot start the stdin relay thread");
     }
-    handle.spawn(async move {
-        loop {
-            tokio::select! {
-                chunk = chunks_rx.recv() => match chunk {
-                    Some(data) => {
-                        if let Err(err) = agent.write_all_stdin(&container, &exec, &data).await {
-                            debug!(%err, "stdin relay ends");
-                            return;
-                        }
+    loop {
+        tokio::select! {
+            chunk = chunks_rx.recv() => match chunk {
+                Some(data) => {
+                    if let Err(err) = guest.write_stdin(&process.container, &process.exec, &data).await {
+                        debug!(container = %process.container, exec = %process.exec, %err, "stdin relay ends");
+                        return;
                     }
-                    None => break,
-                },
-                _ = &mut close => break,
-            }
+                }
+                None => break,
+            },
+            _ = &mut close => break,
         }
-        if let Err(err) = agent.close_stdin(&container, &exec).await {
-            debug!(%err, "CloseStdin failed");
-        }
-    });
+    }
+    if let Err(err) = guest.close_stdin(&process.container, &process.exec).await {
+        debug!(container = %process.container, exec = %process.exec, %err, "CloseStdin failed");
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
-use husk_runtime::id::ContainerId;
+use husk_sandbox::id::ContainerId;
 use tracing::warn;
 
 use crate::service::Service;
@@ -93,9 +93,7 @@ impl Shim for HuskShim {
         let cleanup = async {
             let config = vm::load_config().map_err(|e| e.to_string())?;
             let id = ContainerId::new(&self.id).map_err(|e| e.to_string())?;
-            vm::cleanup_leftovers(&config, &id)
-                .await
-                .map_err(|e| e.to_string())
+            vm::cleanup_leftovers(&config, &id).map_err(|e| e.to_string())
         };
         if let Err(err) = cleanup.await {
             warn!(id = %self.id, %err, "cleanup of the sandbox failed");
@@ -115,6 +113,14 @@ impl Shim for HuskShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
-        Service::new(publisher, self.namespace.clone(), self.exit.clone())
+        Service::new(
+            Arc::new(crate::service::Remote::new(
+                publisher,
+                self.namespace.clone(),
+            )),
+            self.namespace.clone(),
+            self.exit.clone(),
+            crate::service::Settings::from_environment(),
+        )
     }
 }

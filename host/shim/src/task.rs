@@ -22,6 +22,8 @@ pub struct Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Created,
+    /// Start is under way (the agent call has not answered yet).
+    Starting,
     Running,
     Stopped,
 }

@@ -11,8 +11,8 @@ use crate::exit;
 use crate::hooks::{self, HookKind};
 use crate::id::ContainerId;
 use crate::lifecycle::Operation;
-use crate::sandbox::SandboxPaths;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+use husk_sandbox::paths::SandboxPaths;
 
 /// Arguments of `husk delete`.
 #[derive(Debug, clap::Args)]
@@ -42,7 +42,7 @@ pub fn delete(cli: &Cli, container: Locked, force: bool) -> Result<(), CommandEr
     }
     let (config_path, explicit) = cli.config_path();
     let config = config::load(&config_path, explicit, &Discovery::from_process()?)?;
-    let paths = SandboxPaths::new(&Store::new(cli.root()), &config, &id)
+    let paths = SandboxPaths::new(&cli.root(), &config, &id)
         .map_err(crate::supervisor::SupervisorError::from)?;
     let spec = container::saved_spec(container.lock.dir());
     let mut state = container.state.clone();

@@ -9,11 +9,11 @@ use husk_agent_protocol::agent::StatsContainerResponse;
 use serde_json::{json, Value};
 
 use super::CommandError;
-use crate::agent::{self, AgentError};
 use crate::cli::Cli;
 use crate::container::Locked;
 use crate::exit;
 use crate::id::ContainerId;
+use husk_sandbox::guest::{self, GuestError};
 
 /// Arguments of `husk events`.
 #[derive(Debug, clap::Args)]
@@ -99,9 +99,9 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
         }
         container.vsock()
     };
-    let rt = agent::runtime()?;
+    let rt = guest::runtime()?;
     let result = rt.block_on(async {
-        let client = agent::connect(&vsock, agent::CONNECT_TIMEOUT).await?;
+        let client = guest::connect(&vsock, guest::CONNECT_TIMEOUT).await?;
         if args.stats {
             let stats = client.stats_container(id.as_str()).await?;
             return emit(&stats_event(id.as_str(), &stats));
@@ -124,7 +124,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
                         emit(&json!({"type": "oom", "id": id.as_str()}))?;
                     }
                     Ok(_) => {}
-                    Err(err) => return Err(CommandError::from(AgentError::from(err))),
+                    Err(err) => return Err(CommandError::from(GuestError::from(err))),
                 },
             }
         }

@@ -19,7 +19,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use oci_spec::runtime::{Process, ProcessBuilder, User};
 
 use super::CommandError;
-use crate::agent::{self, AgentError};
 use crate::bundle;
 use crate::cli::Cli;
 use crate::container::{self, Locked};
@@ -30,6 +29,7 @@ use crate::relay::{self, HostStdio};
 use crate::signal;
 use crate::store::write_pid_file;
 use crate::supervisor;
+use husk_sandbox::guest::{self, GuestError};
 
 /// Arguments of `husk exec`.
 #[derive(Debug, clap::Args)]
@@ -257,12 +257,13 @@ fn exec(cli: &Cli, args: &Args, answer: &mut Option<File>) -> Result<u8, Command
     if let Some(pid_file) = &args.pid_file {
         write_pid_file(pid_file, i32::try_from(std::process::id()).unwrap_or(0))?;
     }
-    let rt = agent::runtime()?;
+    let rt = guest::runtime()?;
     let exec = exec_id();
     let status = rt.block_on(async {
         let mut signals = signal::Forwarded::new()
             .map_err(|e| unsupported(format!("cannot handle signals: {e}")))?;
-        let client = agent::connect(&vsock, agent::CONNECT_TIMEOUT).await?;
+        let client: husk_sandbox::SharedGuest =
+            std::sync::Arc::new(guest::connect(&vsock, guest::CONNECT_TIMEOUT).await?);
         client.exec_process(id.as_str(), &exec, &json).await?;
         let stdio = if terminal {
             match relay::terminal(args.console_socket.as_deref(), None) {
@@ -285,7 +286,7 @@ fn exec(cli: &Cli, args: &Args, answer: &mut Option<File>) -> Result<u8, Command
         tokio::pin!(waited);
         let status = loop {
             tokio::select! {
-                status = &mut waited => break status.map_err(AgentError::from),
+                status = &mut waited => break status.map_err(GuestError::from),
                 signal = signals.recv() => {
                     tracing::debug!(signal, "{id}: passing a signal on to exec {exec}");
                     if let Err(err) = client.signal_process(id.as_str(), &exec, signal, false).await {

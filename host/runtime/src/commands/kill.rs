@@ -6,7 +6,7 @@ use crate::cli::Cli;
 use crate::container::Locked;
 use crate::id::ContainerId;
 use crate::lifecycle::Operation;
-use crate::{agent, exit, signal};
+use crate::{exit, signal};
 
 /// Arguments of `husk kill`.
 #[derive(Debug, clap::Args)]
@@ -31,6 +31,6 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let (rt, client) = container.agent()?;
     let signal = u32::try_from(number).unwrap_or(signal::DEFAULT.unsigned_abs());
     rt.block_on(client.signal_process(id.as_str(), "", signal, args.all))
-        .map_err(agent::AgentError::from)?;
+        .map_err(husk_sandbox::guest::GuestError::from)?;
     Ok(exit::SUCCESS)
 }

@@ -20,7 +20,6 @@ pub mod update;
 
 use std::io::{self, Write};
 
-use crate::agent::AgentError;
 use crate::bundle::BundleError;
 use crate::cli::{Cli, Command};
 use crate::config::ConfigError;
@@ -32,6 +31,7 @@ use crate::signal::UnknownSignal;
 use crate::sizing::SizingError;
 use crate::store::StoreError;
 use crate::supervisor::SupervisorError;
+use husk_sandbox::guest::GuestError;
 
 /// Why a verb failed; each cause has its own exit status ([`CommandError::exit_code`]).
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ pub enum CommandError {
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
-    Agent(#[from] AgentError),
+    Agent(#[from] GuestError),
     #[error(transparent)]
     NotAllowed(#[from] NotAllowed),
     #[error(transparent)]
@@ -111,7 +111,7 @@ pub fn run(cli: &Cli) -> Result<u8, CommandError> {
 
 impl From<husk_agent_protocol::ClientError> for CommandError {
     fn from(err: husk_agent_protocol::ClientError) -> Self {
-        CommandError::Agent(AgentError::from(err))
+        CommandError::Agent(GuestError::from(err))
     }
 }
 

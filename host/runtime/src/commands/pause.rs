@@ -5,9 +5,9 @@
 use super::CommandError;
 use crate::cli::Cli;
 use crate::container::Locked;
+use crate::exit;
 use crate::id::ContainerId;
 use crate::lifecycle::Operation;
-use crate::{agent, exit};
 
 /// Arguments of `husk pause` and `husk resume`.
 #[derive(Debug, clap::Args)]
@@ -32,7 +32,7 @@ pub fn run(cli: &Cli, args: &Args, pause: bool) -> Result<u8, CommandError> {
     } else {
         rt.block_on(client.resume_container(id.as_str()))
     };
-    result.map_err(agent::AgentError::from)?;
+    result.map_err(husk_sandbox::guest::GuestError::from)?;
     container.record.paused = pause;
     container.lock.save(&container.record)?;
     Ok(exit::SUCCESS)

@@ -3,8 +3,8 @@
 use super::CommandError;
 use crate::cli::Cli;
 use crate::container::Locked;
+use crate::exit;
 use crate::id::ContainerId;
-use crate::{agent, exit};
 
 /// Output formats of `husk ps`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -70,7 +70,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let (rt, client) = container.agent()?;
     let mut pids = rt
         .block_on(client.list_processes(id.as_str()))
-        .map_err(agent::AgentError::from)?;
+        .map_err(husk_sandbox::guest::GuestError::from)?;
     pids.sort_unstable();
     super::print(&render(&pids, args.format))?;
     Ok(exit::SUCCESS)

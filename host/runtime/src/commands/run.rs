@@ -14,7 +14,8 @@ use crate::cli::Cli;
 use crate::container::{self, CreateRequest, Locked};
 use crate::exit;
 use crate::id::ContainerId;
-use crate::{agent, signal};
+use crate::signal;
+use husk_sandbox::guest;
 
 /// Arguments of `husk run`.
 #[derive(Debug, clap::Args)]
@@ -118,7 +119,7 @@ struct Forwarding {
 
 impl Forwarding {
     fn new() -> std::io::Result<Forwarding> {
-        let rt = agent::runtime().map_err(std::io::Error::other)?;
+        let rt = guest::runtime().map_err(std::io::Error::other)?;
         let signals = rt.block_on(async { signal::Forwarded::new() })?;
         Ok(Forwarding { rt, signals })
     }
@@ -144,7 +145,7 @@ impl Forwarding {
                     number = signals.recv() => {
                         tracing::debug!(signal = number, "{id}: passing a signal on to the container");
                         if client.is_none() {
-                            match agent::connect(vsock, agent::CONNECT_TIMEOUT).await {
+                            match guest::connect(vsock, guest::CONNECT_TIMEOUT).await {
                                 Ok(c) => client = Some(c),
                                 Err(err) => tracing::warn!("{id}: cannot pass signal {number} on: {err}"),
                             }

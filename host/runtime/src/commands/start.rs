@@ -5,10 +5,10 @@ use oci_spec::runtime::ContainerState;
 use super::CommandError;
 use crate::cli::Cli;
 use crate::container::{self, Locked};
+use crate::exit;
 use crate::hooks::{self, HookKind};
 use crate::id::ContainerId;
 use crate::lifecycle::Operation;
-use crate::{agent, exit};
 
 /// Arguments of `husk start`.
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ pub fn start(container: &mut Locked) -> Result<(), CommandError> {
     let id = container.lock.id().clone();
     let (rt, client) = container.agent()?;
     rt.block_on(client.start_container(id.as_str()))
-        .map_err(agent::AgentError::from)?;
+        .map_err(husk_sandbox::guest::GuestError::from)?;
     container.save_status(ContainerState::Running)?;
     let spec = container::saved_spec(container.lock.dir());
     let hooks = spec.as_ref().and_then(|s| s.hooks().as_ref());

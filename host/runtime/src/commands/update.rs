@@ -9,8 +9,8 @@ use oci_spec::runtime::LinuxResources;
 use super::CommandError;
 use crate::cli::Cli;
 use crate::container::Locked;
+use crate::exit;
 use crate::id::ContainerId;
-use crate::{agent, exit};
 
 /// Largest resources document read.
 pub const MAX_RESOURCES_BYTES: u64 = 1024 * 1024;
@@ -78,7 +78,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     }
     let (rt, client) = container.agent()?;
     rt.block_on(client.update_container(id.as_str(), &json))
-        .map_err(agent::AgentError::from)?;
+        .map_err(husk_sandbox::guest::GuestError::from)?;
     Ok(exit::SUCCESS)
 }
 

@@ -207,6 +207,18 @@ pub trait Mounter {
     fn unmount(&self, target: &Path) -> io::Result<()>;
 }
 
+/// The mount calls and the mount table: what the share needs from the host.
+pub trait Mounts: Mounter + Send + Sync {
+    /// The text of /proc/self/mountinfo (or what stands for it).
+    fn mountinfo(&self) -> io::Result<String>;
+}
+
+impl Mounts for HostMounter {
+    fn mountinfo(&self) -> io::Result<String> {
+        read_mountinfo()
+    }
+}
+
 /// The real system calls.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostMounter;
@@ -238,7 +250,7 @@ impl Mounter for HostMounter {
 
 /// Sets up the share directory itself (`share`, created 0700): bound onto itself and made
 /// private, so the binds inside it propagate nowhere.
-pub fn create_share(share: &Path, mounter: &dyn Mounter) -> Result<(), ShareError> {
+pub fn create_share<M: Mounter + ?Sized>(share: &Path, mounter: &M) -> Result<(), ShareError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -254,7 +266,11 @@ pub fn create_share(share: &Path, mounter: &dyn Mounter) -> Result<(), ShareErro
 
 /// Binds a plan's sources into `share` (made by [`create_share`]). On failure the binds made so
 /// far are undone.
-pub fn bind_all(share: &Path, plan: &SharePlan, mounter: &dyn Mounter) -> Result<(), ShareError> {
+pub fn bind_all<M: Mounter + ?Sized>(
+    share: &Path,
+    plan: &SharePlan,
+    mounter: &M,
+) -> Result<(), ShareError> {
     let mut done: Vec<PathBuf> = Vec::new();
     let result = plan.binds.iter().try_for_each(|bind| {
         let target = share.join(&bind.target);
@@ -304,9 +320,9 @@ fn make_mount_point(target: &Path, is_dir: bool) -> Result<(), ShareError> {
 /// /proc/self/mountinfo), checks that nothing is left mounted, then removes the share's mount
 /// points. It deletes only empty directories and empty files, so a mount that survived can never
 /// lead to deleting the files behind it.
-pub fn remove_share(
+pub fn remove_share<M: Mounter + ?Sized>(
     share: &Path,
-    mounter: &dyn Mounter,
+    mounter: &M,
     mountinfo: &dyn Fn() -> io::Result<String>,
 ) -> Result<(), ShareError> {
     let read = || mountinfo().map_err(io_err("read the mount table for", share));

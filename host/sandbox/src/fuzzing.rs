@@ -1,4 +1,4 @@
-//! Fuzzing harness shared by the `cargo fuzz` target in `host/runtime/fuzz` and by a plain test
+//! Fuzzing harness shared by the `cargo fuzz` target in `host/sandbox/fuzz` and by a plain test
 //! over pseudo-random inputs (so `cargo test` runs it too).
 //!
 //! The bytes play the VMM's side of the hybrid vsock handshake: the reply to `CONNECT <port>` is

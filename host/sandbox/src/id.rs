@@ -6,9 +6,10 @@
 
 use std::fmt;
 
-/// The longest ID accepted, in bytes. An ID is one directory name under `--root`, and Linux
-/// file names are at most 255 bytes (NAME_MAX), so a longer ID could never be stored.
-pub const MAX_LEN: usize = 255;
+/// The longest ID accepted, in bytes: the agent protocol's limit
+/// ([`husk_agent_protocol::MAX_ID_LEN`]), so that every ID the host accepts the guest accepts too.
+/// (A longer one would not fit a sandbox's socket path anyway; containerd's own limit is 76.)
+pub const MAX_LEN: usize = husk_agent_protocol::MAX_ID_LEN;
 
 /// Why a string is not a valid container ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +80,33 @@ impl std::str::FromStr for ContainerId {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_host_and_the_agent_share_one_id_rule() {
+        let long = "a".repeat(MAX_LEN);
+        let too_long = "a".repeat(MAX_LEN + 1);
+        for id in [
+            "c1",
+            "abc-123_x.y",
+            long.as_str(),
+            too_long.as_str(),
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a+b",
+            "ü",
+            "sp ace",
+            "x\0y",
+            "-lead",
+        ] {
+            assert_eq!(
+                ContainerId::new(id).is_ok(),
+                husk_agent_protocol::validate::validate_id("container id", id).is_ok(),
+                "{id:?}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -1,4 +1,4 @@
-//! A sandbox's files and its monitor's command line (used by `create`, next).
+//! A sandbox's files, and husk-vmm's configuration for it.
 //!
 //! ```text
 //! <root>/<id>/vsock.sock       husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
@@ -8,14 +8,13 @@
 //! <console.log_dir>/<id>.log   the guest's serial console, capped at console.max_bytes
 //! ```
 
-use std::ffi::OsString;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+
+use husk_vmm_config::{FsSpec, VmmConfig};
 
 use crate::config::Config;
 use crate::id::ContainerId;
 use crate::sizing::VmSize;
-use crate::store::Store;
 
 /// The guest's vsock context ID (every microVM has its own vsock device, so one value serves all).
 pub const GUEST_CID: u64 = 3;
@@ -31,9 +30,9 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// room kept for `_` and a 10-digit port.
 const PORT_SUFFIX: usize = 11;
 
-/// Errors about a sandbox's files.
+/// Errors about a sandbox's files and husk-vmm's configuration for them.
 #[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
+pub enum PathError {
     /// A socket path longer than Unix sockets allow.
     #[error("socket path {path} is {len} bytes long, more than the {max} a Unix socket allows: use a shorter --root or container ID")]
     SocketPathTooLong {
@@ -44,6 +43,13 @@ pub enum SandboxError {
     /// husk-vmm's `--fs PATH,tag=TAG` cannot carry a path with a comma.
     #[error("the share path {0} contains a comma, which husk-vmm's --fs cannot carry: use another --root")]
     CommaInPath(PathBuf),
+    /// The share cannot be described to husk-vmm.
+    #[error("the share {path} cannot be given to husk-vmm: {source}")]
+    Share {
+        path: PathBuf,
+        #[source]
+        source: husk_vmm_config::SpecError,
+    },
 }
 
 /// Where a sandbox's files are.
@@ -66,12 +72,14 @@ pub struct SandboxPaths {
 impl SandboxPaths {
     /// The paths of sandbox `id`; fails when the vsock socket path (with the port suffix
     /// husk-vmm adds for guest-initiated connections) would be too long.
-    pub fn new(store: &Store, config: &Config, id: &ContainerId) -> Result<Self, SandboxError> {
-        let dir = store.container_dir(id);
+    /// `root` is the directory holding every sandbox (the runtime's `--root`, the shim's state
+    /// root).
+    pub fn new(root: &Path, config: &Config, id: &ContainerId) -> Result<Self, PathError> {
+        let dir = root.join(id.as_str());
         let vsock = dir.join(VSOCK_FILE);
         let len = vsock.as_os_str().len().saturating_add(PORT_SUFFIX);
         if len > MAX_SOCKET_PATH {
-            return Err(SandboxError::SocketPathTooLong {
+            return Err(PathError::SocketPathTooLong {
                 path: vsock,
                 len,
                 max: MAX_SOCKET_PATH,
@@ -79,7 +87,7 @@ impl SandboxPaths {
         }
         let shared = dir.join("shared");
         if shared.as_os_str().as_encoded_bytes().contains(&b',') {
-            return Err(SandboxError::CommaInPath(shared));
+            return Err(PathError::CommaInPath(shared));
         }
         Ok(Self {
             shared,
@@ -92,44 +100,34 @@ impl SandboxPaths {
     }
 }
 
-/// The husk-vmm command line for a sandbox of `size`.
-pub fn vmm_args(config: &Config, size: VmSize, paths: &SandboxPaths) -> Vec<OsString> {
-    let mut args: Vec<OsString> = Vec::new();
-    let mut push = |flag: &str, value: OsString| {
-        args.push(flag.into());
-        args.push(value);
-    };
-    push("--kernel", config.guest.kernel.clone().into());
-    push("--initrd", config.guest.initramfs.clone().into());
-    push("--vcpus", size.vcpus.to_string().into());
-    push("--memory-mib", size.memory_mib.to_string().into());
-    push("--console", paths.console.clone().into());
-    push(
-        "--console-max-bytes",
-        config.console.max_bytes.to_string().into(),
-    );
-    push("--vsock-uds", paths.vsock.clone().into());
-    let mut fs = paths.shared.clone().into_os_string();
-    fs.push(format!(",tag={SHARE_TAG}"));
-    push("--fs", fs);
-    push("--guest-cid", GUEST_CID.to_string().into());
+/// husk-vmm's configuration for a sandbox of `size`: the one definition of its command line.
+pub fn vmm_config(
+    config: &Config,
+    size: VmSize,
+    paths: &SandboxPaths,
+) -> Result<VmmConfig, PathError> {
+    let share = FsSpec::new(paths.shared.clone(), SHARE_TAG.to_owned()).map_err(|source| {
+        PathError::Share {
+            path: paths.shared.clone(),
+            source,
+        }
+    })?;
     let quiet = if config.console.kernel_messages {
         ""
     } else {
         " quiet"
     };
-    push(
-        "--cmdline",
-        format!("husk.agent_port={AGENT_PORT}{quiet}").into(),
-    );
-    args
-}
-
-/// The husk-vmm command for a sandbox (not started).
-pub fn vmm_command(config: &Config, size: VmSize, paths: &SandboxPaths) -> Command {
-    let mut command = Command::new(&config.vmm.path);
-    command.args(vmm_args(config, size, paths));
-    command
+    let mut vmm = VmmConfig::new(config.guest.kernel.clone());
+    vmm.initrd = Some(config.guest.initramfs.clone());
+    vmm.vcpus = u8::try_from(size.vcpus).unwrap_or(u8::MAX);
+    vmm.memory_mib = u64::from(size.memory_mib);
+    vmm.console = paths.console.to_string_lossy().into_owned();
+    vmm.console_max_bytes = config.console.max_bytes;
+    vmm.vsock_uds = Some(paths.vsock.clone());
+    vmm.guest_cid = Some(GUEST_CID);
+    vmm.fs = vec![share];
+    vmm.cmdline = format!("husk.agent_port={AGENT_PORT}{quiet}");
+    Ok(vmm)
 }
 
 #[cfg(test)]
@@ -153,7 +151,7 @@ mod tests {
 
     #[test]
     fn paths_of_a_sandbox() {
-        let paths = SandboxPaths::new(&Store::new("/run/husk"), &config(), &id("c1")).unwrap();
+        let paths = SandboxPaths::new(Path::new("/run/husk"), &config(), &id("c1")).unwrap();
         assert_eq!(paths.dir, Path::new("/run/husk/c1"));
         assert_eq!(paths.vsock, Path::new("/run/husk/c1/vsock.sock"));
         assert_eq!(paths.shared, Path::new("/run/husk/c1/shared"));
@@ -163,13 +161,13 @@ mod tests {
     #[test]
     fn podman_length_ids_fit_under_the_default_root() {
         let podman_id = "a".repeat(64);
-        SandboxPaths::new(&Store::new("/run/husk"), &config(), &id(&podman_id)).unwrap();
+        SandboxPaths::new(Path::new("/run/husk"), &config(), &id(&podman_id)).unwrap();
     }
 
     #[test]
     fn too_long_socket_paths_are_refused() {
         let long = "b".repeat(100);
-        let err = SandboxPaths::new(&Store::new("/run/husk"), &config(), &id(&long)).unwrap_err();
+        let err = SandboxPaths::new(Path::new("/run/husk"), &config(), &id(&long)).unwrap_err();
         assert!(
             err.to_string().contains("shorter --root or container ID"),
             "{err}"
@@ -178,58 +176,46 @@ mod tests {
 
     #[test]
     fn roots_with_a_comma_are_refused() {
-        let err = SandboxPaths::new(&Store::new("/run/a,b"), &config(), &id("c1")).unwrap_err();
-        assert!(matches!(err, SandboxError::CommaInPath(_)), "{err}");
+        let err = SandboxPaths::new(Path::new("/run/a,b"), &config(), &id("c1")).unwrap_err();
+        assert!(matches!(err, PathError::CommaInPath(_)), "{err}");
     }
 
     #[test]
-    fn vmm_command_line() {
+    fn vmm_configuration_of_a_sandbox() {
         let config = config();
-        let paths = SandboxPaths::new(&Store::new("/run/husk"), &config, &id("c1")).unwrap();
+        let paths = SandboxPaths::new(Path::new("/run/husk"), &config, &id("c1")).unwrap();
         let size = VmSize {
             vcpus: 2,
             memory_mib: 576,
         };
-        let args: Vec<String> = vmm_args(&config, size, &paths)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let vmm = vmm_config(&config, size, &paths).unwrap();
+        assert_eq!(vmm.kernel, Path::new("/usr/share/husk/vmlinux"));
         assert_eq!(
-            args,
-            [
-                "--kernel",
-                "/usr/share/husk/vmlinux",
-                "--initrd",
-                "/usr/share/husk/initramfs.cpio.gz",
-                "--vcpus",
-                "2",
-                "--memory-mib",
-                "576",
-                "--console",
-                "/var/log/husk/c1.log",
-                "--console-max-bytes",
-                "16777216",
-                "--vsock-uds",
-                "/run/husk/c1/vsock.sock",
-                "--fs",
-                "/run/husk/c1/shared,tag=husk-shared",
-                "--guest-cid",
-                "3",
-                "--cmdline",
-                "husk.agent_port=1024 quiet",
-            ]
+            vmm.initrd.as_deref(),
+            Some(Path::new("/usr/share/husk/initramfs.cpio.gz"))
         );
+        assert_eq!((vmm.vcpus, vmm.memory_mib), (2, 576));
+        assert_eq!(vmm.console, "/var/log/husk/c1.log");
+        assert_eq!(vmm.console_max_bytes, 16 << 20);
         assert_eq!(
-            vmm_command(&config, size, &paths).get_program(),
-            "/usr/bin/husk-vmm"
+            vmm.vsock_uds.as_deref(),
+            Some(Path::new("/run/husk/c1/vsock.sock"))
+        );
+        assert_eq!(vmm.guest_cid, Some(GUEST_CID));
+        assert_eq!(vmm.fs.len(), 1);
+        assert_eq!(vmm.fs[0].path, Path::new("/run/husk/c1/shared"));
+        assert_eq!(vmm.fs[0].tag, SHARE_TAG);
+        assert_eq!(vmm.cmdline, "husk.agent_port=1024 quiet");
+        // What husk-vmm parses back from the command line is the same configuration.
+        let argv = std::iter::once(std::ffi::OsString::from("husk-vmm")).chain(vmm.to_args());
+        assert_eq!(
+            <VmmConfig as clap::Parser>::try_parse_from(argv).unwrap(),
+            vmm
         );
         // With console.kernel_messages the kernel is not quiet.
         let mut loud = config.clone();
         loud.console.kernel_messages = true;
-        let args = vmm_args(&loud, size, &paths);
-        assert_eq!(
-            args.last().map(|a| a.to_str().unwrap()),
-            Some("husk.agent_port=1024")
-        );
+        let vmm = vmm_config(&loud, size, &paths).unwrap();
+        assert_eq!(vmm.cmdline, "husk.agent_port=1024");
     }
 }

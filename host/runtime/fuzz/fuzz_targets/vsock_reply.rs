@@ -1,6 +1,0 @@
-//! Fuzz target: see husk_runtime::fuzzing::fuzz_vsock_reply.
-#![no_main]
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    husk_runtime::fuzzing::fuzz_vsock_reply(data);
-});
