@@ -97,6 +97,12 @@ pub fn mount_early_filesystems() -> Result<()> {
 /// mistaken for one that shut down cleanly (a plain `reboot(2)` would exit 0).
 pub fn fatal(why: &str) -> ! {
     eprintln!("husk-agent: fatal: {why}");
+    // The console is a tty whose serial driver sends the written bytes later, from its
+    // interrupt; the panic that follows resets the guest at once and would lose them. Wait
+    // until they are out.
+    // SAFETY: tcdrain(2) on an integer fd; it touches no memory of ours (fails harmlessly when
+    // stderr is not a terminal).
+    unsafe { libc::tcdrain(libc::STDERR_FILENO) };
     reset_on_panic();
     // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
