@@ -12,7 +12,9 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
-use clap::Parser;
+/// `VmmConfig::parse` / `try_parse_from`, for husk-vmm and for tests that read a running
+/// husk-vmm's command line back.
+pub use clap::Parser;
 
 pub use spec::{validate_tag, BlockSpec, FsSpec, SpecError, TagError, TAG_MAX_LEN};
 

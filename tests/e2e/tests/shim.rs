@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use husk_e2e::containerd::{describe, Containerd, Line, HUSK_RUNTIME as RUNTIME, IMAGE, SHIM};
+use husk_vmm_config::{Parser, VmmConfig};
 
 #[test]
 fn shim_ctr_run_prints_output_and_propagates_the_exit_code_on_containerd_1_6() {
@@ -317,20 +318,14 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     let cmdline = fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap_or_default();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    assert_eq!(value("--vcpus").as_deref(), Some("2"), "husk-vmm {args:?}");
-    assert_eq!(
-        value("--memory-mib").as_deref(),
-        Some("448"),
-        "husk-vmm {args:?}"
-    );
+    // husk-vmm's own definition of its command line reads what the shim gave it.
+    let config = VmmConfig::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("husk-vmm {args:?} does not parse: {e}"));
+    assert_eq!(config.vcpus, 2, "husk-vmm {args:?}");
+    assert_eq!(config.memory_mib, 448, "husk-vmm {args:?}");
     let guest = containerd.ctr_ok(&[
         "task",
         "exec",

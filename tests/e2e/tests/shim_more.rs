@@ -494,7 +494,7 @@ fn shim_vmm_dying_while_booting_fails_the_task_with_its_log_and_leaves_nothing()
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("husk-vmm exited while booting (exit status: 0)")
+        stderr.contains("husk-vmm exited (exit status: 0) before the agent answered")
             && stderr.contains("vcpu0: triple fault (fake husk-vmm)"),
         "{}",
         describe(&out)
