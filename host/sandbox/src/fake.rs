@@ -53,6 +53,15 @@ struct FakeContainer {
     resources: Vec<Vec<u8>>,
 }
 
+/// An injected failure of one method.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// The agent refuses with `INTERNAL` and this message.
+    Refused(String),
+    /// The request's deadline elapses.
+    TimedOut,
+}
+
 #[derive(Default)]
 struct GuestState {
     calls: Vec<String>,
@@ -61,7 +70,7 @@ struct GuestState {
     containers: HashMap<String, FakeContainer>,
     created: Vec<CreateContainerRequest>,
     processes: HashMap<(String, String), FakeProcess>,
-    failures: HashMap<&'static str, String>,
+    failures: HashMap<&'static str, Failure>,
     holds: HashMap<&'static str, watch::Receiver<bool>>,
     ooms: VecDeque<String>,
     next_pid: u32,
@@ -206,7 +215,15 @@ impl FakeGuest {
     /// Makes every later call of `method` (the agent's RPC name, e.g. "StartContainer") fail
     /// with `INTERNAL` and `message`.
     pub fn fail(&self, method: &'static str, message: &str) {
-        self.state().failures.insert(method, message.to_owned());
+        self.state()
+            .failures
+            .insert(method, Failure::Refused(message.to_owned()));
+    }
+
+    /// Makes every later call of `method` fail as a request whose deadline elapsed (the agent
+    /// never answered), as ttrpc's client reports it.
+    pub fn time_out(&self, method: &'static str) {
+        self.state().failures.insert(method, Failure::TimedOut);
     }
 
     /// Makes calls of `method` wait until the returned [`Hold`] is released or dropped.
@@ -301,10 +318,14 @@ impl FakeGuest {
             let _ = hold.wait_for(|released| *released).await;
         }
         match failure {
-            Some(message) => Err(ClientError::Rpc {
+            Some(Failure::Refused(message)) => Err(ClientError::Rpc {
                 method,
                 code: ttrpc::Code::INTERNAL,
                 message,
+            }),
+            Some(Failure::TimedOut) => Err(ClientError::Transport {
+                method,
+                reason: format!("ttrpc err: {}", crate::stall::DEADLINE_ELAPSED),
             }),
             None => Ok(()),
         }

@@ -13,6 +13,7 @@
 //! - [`share`]: the virtio-fs share with each container's rootfs and mounts.
 //! - [`pump`]: stdio and terminal pumps between host files and guest processes.
 //! - [`process`]: the one rule against signalling a reused PID.
+//! - [`stall`]: what is reported when a running sandbox's agent stops answering.
 //! - [`fake`]: fakes of the seams (guest, launcher, mounts) for tests without a VM or root.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -30,6 +31,7 @@ pub mod process;
 pub mod pump;
 pub mod share;
 pub mod sizing;
+pub mod stall;
 pub mod vm;
 pub mod vsock;
 

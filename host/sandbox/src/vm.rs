@@ -34,6 +34,7 @@ use crate::paths::{self, PathError, SandboxPaths, SHARE_TAG};
 use crate::process::Recorded;
 use crate::share::{self, HostMounter, Mounts, ShareError, SharePlan, GUEST_SHARE_DIR};
 use crate::sizing::VmSize;
+use crate::stall::Watched;
 
 /// How long the guest may take from husk-vmm's start to the agent's answer (nested, emulated
 /// hosts are slow).
@@ -327,6 +328,7 @@ async fn boot_in(
         }),
     };
     debug!(sandbox = %spec.id, ms = started.elapsed().as_millis(), "agent connected");
+    let guest: SharedGuest = Arc::new(Watched::new(guest, spec.id.as_str(), paths, vmm.pid()));
     let request = CreateSandboxRequest {
         sandbox_id: spec.id.to_string(),
         hostname: spec.hostname.clone(),
