@@ -8,8 +8,8 @@ use crate::commands::{
     check, create, delete, events, exec, features, kill, list, pause, ps, run, sandbox_supervisor,
     spec, start, state, update,
 };
-use crate::config::DEFAULT_CONFIG_PATH;
 use crate::logging::LogFormat;
+use crate::options::Options;
 
 /// `husk --version`: husk's version and the runtime-spec version it implements, like runc.
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -101,11 +101,15 @@ impl Cli {
         }
     }
 
-    /// The configuration file to read, and whether the user named it explicitly.
-    pub fn config_path(&self) -> (PathBuf, bool) {
-        match &self.config {
-            Some(path) => (path.clone(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    /// The global options as values, for the library (`--root` made absolute).
+    pub fn options(&self) -> Options {
+        Options {
+            root: self.root(),
+            log: self.log.clone(),
+            log_format: self.log_format,
+            debug: self.debug,
+            config: self.config.clone(),
+            systemd_cgroup: self.systemd_cgroup,
         }
     }
 }

@@ -8,15 +8,44 @@ use husk_agent_protocol::AgentClient;
 use oci_spec::runtime::{ContainerState, Spec, State, StateBuilder};
 use tokio::runtime::Runtime;
 
-use crate::cli::Cli;
-use crate::commands::CommandError;
-use crate::hooks::{self, HookKind};
+use crate::exit;
+use crate::hooks::{self, HookError, HookKind};
 use crate::id::ContainerId;
-use crate::lifecycle::{self, Operation};
-use crate::store::{self, ContainerLock, Record, Store, RECORD_VERSION};
+use crate::lifecycle::{self, NotAllowed, Operation};
+use crate::options::Options;
+use crate::store::{self, ContainerLock, Record, Store, StoreError, RECORD_VERSION};
 use crate::supervisor::{self, Launch, Prepared, SupervisorError};
 use husk_sandbox::guest::{self, GuestError};
 use husk_sandbox::paths::SandboxPaths;
+
+/// Why creating, locking or removing a container failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error(transparent)]
+    NotAllowed(#[from] NotAllowed),
+    /// The container's state or spec cannot be serialised.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl ContainerError {
+    /// The exit status for this error (see `crate::exit`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ContainerError::Store(err) => err.exit_code(),
+            ContainerError::Supervisor(err) => err.exit_code(),
+            ContainerError::Hook(_) | ContainerError::NotAllowed(_) | ContainerError::Output(_) => {
+                exit::FAILURE
+            }
+        }
+    }
+}
 
 /// The container's spec as `create` loaded it (for the hooks of `start` and `delete`, and the
 /// defaults of `exec`), in its state directory.
@@ -63,7 +92,7 @@ fn record(
     prepared: &Prepared,
     status: ContainerState,
     pid: i32,
-) -> Result<Record, CommandError> {
+) -> Result<Record, ContainerError> {
     let mut builder = StateBuilder::default()
         .version(oci_spec::runtime::VERSION)
         .id(id.as_str())
@@ -75,7 +104,7 @@ fn record(
     }
     let oci = builder
         .build()
-        .map_err(|e| CommandError::Output(std::io::Error::other(e)))?;
+        .map_err(|e| ContainerError::Output(std::io::Error::other(e)))?;
     Ok(Record {
         version: RECORD_VERSION,
         oci,
@@ -86,32 +115,33 @@ fn record(
     })
 }
 
-/// `create`: checks everything first (nothing is made for bad input), claims the ID, starts the
-/// supervisor, records the container as `created`, writes the pid file and runs the `prestart`
-/// and `createRuntime` hooks. Any failure leaves nothing behind.
-pub fn create(cli: &Cli, request: &CreateRequest<'_>) -> Result<Created, CommandError> {
+/// `create`: checks everything first (nothing is made for bad input), claims the ID, saves what
+/// it decided for the supervisor, starts the supervisor, records the container as `created`,
+/// writes the pid file and runs the `prestart` and `createRuntime` hooks. Any failure leaves
+/// nothing behind.
+pub fn create(options: &Options, request: &CreateRequest<'_>) -> Result<Created, ContainerError> {
     let id = request.id;
     let prepared = Prepared::load(
-        cli,
+        options,
         id,
         request.bundle,
         request.console_socket,
         request.foreground,
     )?;
-    let store = Store::new(cli.root());
+    let store = Store::new(&options.root);
     let lock = store.create(id)?;
     let own_pid = i32::try_from(std::process::id()).unwrap_or(0);
     let result = (|| {
         lock.save(&record(id, &prepared, ContainerState::Creating, own_pid)?)?;
         let spec = serde_json::to_vec(&prepared.bundle.spec)
-            .map_err(|e| CommandError::Output(std::io::Error::other(e)))?;
+            .map_err(|e| ContainerError::Output(std::io::Error::other(e)))?;
         store::write_atomic(lock.dir(), SPEC_FILE, &spec)?;
+        prepared.save(lock.dir())?;
         let launch = Launch {
             id,
-            bundle: &prepared.bundle.dir,
             console_socket: request.console_socket,
         };
-        supervisor::spawn(cli, &launch).map_err(CommandError::from)
+        supervisor::spawn(options, &launch).map_err(ContainerError::from)
     })();
     let mut child = match result {
         Ok(child) => child,
@@ -131,7 +161,7 @@ pub fn create(cli: &Cli, request: &CreateRequest<'_>) -> Result<Created, Command
         let hooks = prepared.bundle.spec.hooks().as_ref();
         hooks::run_hooks(HookKind::Prestart, hooks, &state)?;
         hooks::run_hooks(HookKind::CreateRuntime, hooks, &state)?;
-        Ok::<_, CommandError>(record)
+        Ok::<_, ContainerError>(record)
     })();
     match finish {
         Ok(_) => Ok(Created {
@@ -169,7 +199,7 @@ pub fn remove(
     lock: ContainerLock,
     paths: &SandboxPaths,
     supervisor: Option<(i32, Option<u64>)>,
-) -> Result<(), CommandError> {
+) -> Result<(), ContainerError> {
     supervisor::reap_sandbox(paths, supervisor).map_err(SupervisorError::from)?;
     lock.remove()?;
     Ok(())
@@ -184,8 +214,8 @@ pub struct Locked {
 
 impl Locked {
     /// Locks container `id` and refreshes its status.
-    pub fn acquire(cli: &Cli, id: &ContainerId) -> Result<Self, CommandError> {
-        let lock = Store::new(cli.root()).lock(id)?;
+    pub fn acquire(options: &Options, id: &ContainerId) -> Result<Self, ContainerError> {
+        let lock = Store::new(&options.root).lock(id)?;
         let record = lock.load()?;
         let state = record.current_state();
         Ok(Self {
@@ -196,7 +226,7 @@ impl Locked {
     }
 
     /// Checks that `operation` is allowed now.
-    pub fn check(&self, operation: Operation) -> Result<(), CommandError> {
+    pub fn check(&self, operation: Operation) -> Result<(), ContainerError> {
         lifecycle::check(
             self.lock.id(),
             *self.state.status(),
@@ -222,7 +252,7 @@ impl Locked {
     }
 
     /// Saves the record with a new status (the PID and its start time are kept).
-    pub fn save_status(&mut self, status: ContainerState) -> Result<(), CommandError> {
+    pub fn save_status(&mut self, status: ContainerState) -> Result<(), ContainerError> {
         self.record.oci.set_status(status);
         self.lock.save(&self.record)?;
         self.state = self.record.current_state();

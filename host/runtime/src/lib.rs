@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod host;
 pub mod lifecycle;
 pub mod logging;
+pub mod options;
 pub mod relay;
 pub mod signal;
 pub mod store;

@@ -5,11 +5,15 @@
 //! VM, removes the share, and exits with the process's status (re-raising a terminating signal),
 //! which is what engines waiting for the container's PID (the supervisor's) expect.
 //!
+//! The supervisor does not read the configuration or the bundle: `create` decides everything
+//! ([`Prepared::load`], where the checks are made once) and writes its decisions to the
+//! container's state directory ([`PREPARED_FILE`], husk's own), which the supervisor reads
+//! ([`Prepared::read`]) and acts on.
+//!
 //! `create` and the supervisor talk over a pipe on the supervisor's fd [`ANSWER_FD`]: the
 //! supervisor writes `ok\n`, or `error <status>\n<message>`, and closes it. End of file without
 //! an answer means the supervisor died.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -24,18 +28,20 @@ use husk_sandbox::paths::{PathError, SandboxPaths};
 use husk_sandbox::process::Recorded;
 use husk_sandbox::vm::{self, BootSpec, Host, Layout, Sandbox, SandboxError};
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bundle::{self, Bundle, BundleError};
 use crate::cgroup::{self, CgroupError};
-use crate::cli::Cli;
 use crate::config::{self, Config, ConfigError, Discovery};
 use crate::console::ConsoleError;
 use crate::exit;
 use crate::id::ContainerId;
+use crate::options::Options;
 use crate::relay::{self, HostStdio};
 use crate::share::{self, ShareError, SharePlan};
 use crate::sizing::{self, SizingError, VmSize};
+use crate::store::{self, StoreError};
 
 /// The supervisor's file descriptor carrying its answer to `create`.
 pub const ANSWER_FD: RawFd = 3;
@@ -43,6 +49,11 @@ pub const ANSWER_FD: RawFd = 3;
 const MAX_ANSWER: u64 = 64 * 1024;
 /// How long `delete` waits for a supervisor to end after SIGTERM before SIGKILL.
 const SUPERVISOR_STOP_GRACE: Duration = Duration::from_secs(10);
+/// What `create` decided ([`Prepared`], JSON), in the container's state directory.
+pub const PREPARED_FILE: &str = "prepared.json";
+/// The largest [`PREPARED_FILE`] written or read: it holds the spec twice (as loaded and as
+/// rewritten for the guest) besides the configuration, the share's binds and the paths.
+pub const MAX_PREPARED_BYTES: u64 = 2 * bundle::MAX_CONFIG_BYTES + 4 * 1024 * 1024;
 
 /// Why a sandbox could not be set up or supervised.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +78,11 @@ pub enum SupervisorError {
     Relay(#[from] relay::RelayError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// [`PREPARED_FILE`], what `create` decided, is missing, too large or corrupt.
+    #[error("cannot read what create decided for the supervisor from {path}: {reason}")]
+    Prepared { path: PathBuf, reason: String },
     /// A terminal was asked for without a way to hand it over.
     #[error("process.terminal is true but no --console-socket was given: the terminal has nowhere to go")]
     TerminalWithoutSocket,
@@ -112,14 +128,17 @@ impl SupervisorError {
                 | ShareError::TooManyMounts(_),
             ) => exit::BUNDLE,
             SupervisorError::Reported { status, .. } => *status,
+            SupervisorError::Store(err) => err.exit_code(),
             _ => exit::FAILURE,
         }
     }
 }
 
-/// Everything `create` decides before it creates anything: checked once by the CLI (so bad input
-/// leaves nothing behind) and again by the supervisor.
-#[derive(Debug, Clone)]
+/// Everything `create` decides before it creates anything, checked once there (so bad input
+/// leaves nothing behind), then handed to the supervisor in [`PREPARED_FILE`] so that it acts on
+/// the same decisions without reading the configuration or the bundle again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Prepared {
     pub config: Config,
     pub bundle: Bundle,
@@ -132,14 +151,16 @@ pub struct Prepared {
 
 impl Prepared {
     /// Loads the configuration and the bundle, sizes the VM, plans the share, computes the paths.
+    /// A terminal needs a console socket to go to, unless `foreground` (`run` without
+    /// `--detach`: husk's own terminal); a console socket needs a terminal.
     pub fn load(
-        cli: &Cli,
+        options: &Options,
         id: &ContainerId,
         bundle_dir: &Path,
         console_socket: Option<&Path>,
         foreground: bool,
     ) -> Result<Self, SupervisorError> {
-        let (config_path, explicit) = cli.config_path();
+        let (config_path, explicit) = options.config_path();
         let config = config::load(&config_path, explicit, &Discovery::from_process()?)?;
         let bundle = bundle::load(bundle_dir)?;
         let terminal = bundle
@@ -160,8 +181,8 @@ impl Prepared {
             .and_then(|l| l.resources().as_ref());
         let size = sizing::vm_size(resources, &config)?;
         let plan = share::plan(&bundle, id)?;
-        let paths = SandboxPaths::new(&cli.root(), &config, id)?;
-        let cgroup = host_cgroup(&bundle.spec, cli.systemd_cgroup)?;
+        let paths = SandboxPaths::new(&options.root, &config, id)?;
+        let cgroup = host_cgroup(&bundle.spec, options.systemd_cgroup)?;
         Ok(Self {
             config,
             bundle,
@@ -170,6 +191,56 @@ impl Prepared {
             paths,
             cgroup,
         })
+    }
+
+    /// Writes these decisions to `dir/`[`PREPARED_FILE`] (atomically, mode 0600), for the
+    /// supervisor.
+    pub fn save(&self, dir: &Path) -> Result<(), SupervisorError> {
+        let path = dir.join(PREPARED_FILE);
+        let json = serde_json::to_vec(self).map_err(|e| SupervisorError::Io {
+            action: "serialise",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        if json.len() as u64 > MAX_PREPARED_BYTES {
+            return Err(SupervisorError::Io {
+                action: "write",
+                path,
+                source: io::Error::other(format!(
+                    "{} bytes, more than the {MAX_PREPARED_BYTES} the supervisor reads",
+                    json.len()
+                )),
+            });
+        }
+        Ok(store::write_atomic(dir, PREPARED_FILE, &json)?)
+    }
+
+    /// Reads the decisions [`Prepared::save`] wrote to `dir/`[`PREPARED_FILE`]. They are not
+    /// checked again: the file is in husk's own state directory, written by `create` after its
+    /// checks.
+    pub fn read(dir: &Path) -> Result<Self, SupervisorError> {
+        let path = dir.join(PREPARED_FILE);
+        let unreadable = |reason: String| SupervisorError::Prepared {
+            path: path.clone(),
+            reason,
+        };
+        let file = File::open(&path).map_err(|e| {
+            unreadable(if e.kind() == io::ErrorKind::NotFound {
+                "the file does not exist".to_owned()
+            } else {
+                e.to_string()
+            })
+        })?;
+        let mut bytes = Vec::new();
+        file.take(MAX_PREPARED_BYTES.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| unreadable(e.to_string()))?;
+        if bytes.len() as u64 > MAX_PREPARED_BYTES {
+            return Err(unreadable(format!(
+                "larger than {MAX_PREPARED_BYTES} bytes"
+            )));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(format!("corrupt: {e}")))
     }
 
     /// Whether the container's process has a terminal.
@@ -201,48 +272,11 @@ pub fn host_cgroup(
         .transpose()
 }
 
-/// How `create` starts the supervisor.
+/// How `create` starts the supervisor (which reads the rest from [`PREPARED_FILE`]).
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
     pub id: &'a ContainerId,
-    pub bundle: &'a Path,
     pub console_socket: Option<&'a Path>,
-}
-
-/// The global flags, repeated for the supervisor (and the detached exec relay).
-pub(crate) fn global_args(cli: &Cli) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["--root".into(), cli.root().into()];
-    if let Some(log) = &cli.log {
-        args.push("--log".into());
-        args.push(
-            std::path::absolute(log)
-                .unwrap_or_else(|_| log.clone())
-                .into(),
-        );
-    }
-    args.push("--log-format".into());
-    args.push(
-        match cli.log_format {
-            crate::logging::LogFormat::Text => "text",
-            crate::logging::LogFormat::Json => "json",
-        }
-        .into(),
-    );
-    if cli.debug {
-        args.push("--debug".into());
-    }
-    if let Some(config) = &cli.config {
-        args.push("--config".into());
-        args.push(
-            std::path::absolute(config)
-                .unwrap_or_else(|_| config.clone())
-                .into(),
-        );
-    }
-    if cli.systemd_cgroup {
-        args.push("--systemd-cgroup".into());
-    }
-    args
 }
 
 /// A command running this husk binary (for its hidden helpers).
@@ -254,13 +288,11 @@ pub(crate) fn husk_command(what: &'static str) -> Result<Command, SupervisorErro
 /// Starts the supervisor (in a new session, its answer pipe on [`ANSWER_FD`]) and waits for its
 /// answer. On success the supervisor runs on, holding the sandbox; on failure it has already
 /// undone what it did and is reaped here.
-pub fn spawn(cli: &Cli, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
+pub fn spawn(options: &Options, launch: &Launch<'_>) -> Result<Child, SupervisorError> {
     let mut command = husk_command("the sandbox supervisor (no path to husk)")?;
     command
-        .args(global_args(cli))
-        .arg("sandbox-supervisor")
-        .arg("--bundle")
-        .arg(launch.bundle);
+        .args(options.global_args())
+        .arg("sandbox-supervisor");
     if let Some(socket) = launch.console_socket {
         let socket = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
         command.arg("--console-socket").arg(socket);
@@ -392,9 +424,10 @@ pub(crate) fn take_answer_fd() -> Option<File> {
     Some(File::from(unsafe { OwnedFd::from_raw_fd(ANSWER_FD) }))
 }
 
-/// Runs the supervisor (the hidden verb). Does not return when the container's process ran: the
-/// supervisor exits with its status.
-pub fn run(cli: &Cli, id: &ContainerId, bundle_dir: &Path, console_socket: Option<&Path>) -> u8 {
+/// Runs the supervisor (the hidden verb) on what `create` decided for container `id` (its
+/// [`PREPARED_FILE`]). Does not return when the container's process ran: the supervisor exits
+/// with its status.
+pub fn run(options: &Options, id: &ContainerId, console_socket: Option<&Path>) -> u8 {
     let mut answer = take_answer_fd();
     let rt = match guest::runtime() {
         Ok(rt) => rt,
@@ -404,9 +437,9 @@ pub fn run(cli: &Cli, id: &ContainerId, bundle_dir: &Path, console_socket: Optio
             return exit::FAILURE;
         }
     };
-    let foreground = console_socket.is_none();
+    let dir = store::Store::new(&options.root).container_dir(id);
     let outcome = rt.block_on(async {
-        let prepared = match Prepared::load(cli, id, bundle_dir, console_socket, foreground) {
+        let prepared = match Prepared::read(&dir) {
             Ok(p) => p,
             Err(err) => {
                 let status = err.exit_code();
@@ -414,7 +447,7 @@ pub fn run(cli: &Cli, id: &ContainerId, bundle_dir: &Path, console_socket: Optio
                 return Ended::Failed(status);
             }
         };
-        supervise(id, prepared, console_socket, &mut answer).await
+        supervise(&Host::real(), id, prepared, console_socket, &mut answer).await
     });
     // Blocking stdin readers may still be parked in read(); do not wait for them.
     rt.shutdown_background();
@@ -433,6 +466,7 @@ fn send_answer(answer: &mut Option<File>, result: &Result<(), SupervisorError>) 
 }
 
 /// How supervision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
     /// Setup failed (answered) or the sandbox failed: exit with this status.
     Failed(u8),
@@ -462,15 +496,16 @@ fn finish(code: i32, signal: i32) -> u8 {
     u8::try_from(code & 0xff).unwrap_or(exit::FAILURE)
 }
 
-/// Sets up the sandbox, answers `create`, then supervises the container's process.
+/// Sets up the sandbox on `host` (launcher and mounts: [`Host::real`] but in tests), answers
+/// `create`, then supervises the container's process.
 async fn supervise(
+    host: &Host,
     id: &ContainerId,
     prepared: Prepared,
     console_socket: Option<&Path>,
     answer: &mut Option<File>,
 ) -> Ended {
-    let host = Host::real();
-    let (sandbox, stdio) = match set_up(&host, id, &prepared, console_socket).await {
+    let (sandbox, stdio) = match set_up(host, id, &prepared, console_socket).await {
         Ok(ready) => ready,
         Err((err, sandbox)) => {
             let status = err.exit_code();
@@ -645,7 +680,279 @@ pub fn stop_process(pid: i32, start: Option<u64>, grace: Duration) {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::os::unix::fs::PermissionsExt;
+
+    use husk_sandbox::fake::FakeHost;
+    use husk_sandbox::share::GUEST_SHARE_DIR;
+
     use super::*;
+    use crate::logging::LogFormat;
+
+    const ID: &str = "sv-test";
+    /// How long a test waits for the supervisor before it fails.
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    /// A bundle (with a prestart hook), a configuration file and a state root in a temporary
+    /// directory, and what `create` decides for them.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        id: ContainerId,
+        prepared: Prepared,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let bundle = dir.path().join("bundle");
+            std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+            let spec = serde_json::json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "hostname": "sv-host",
+                "process": {"cwd": "/", "args": ["sh", "-c", "exit 3"], "user": {"uid": 0, "gid": 0}},
+                "hooks": {"prestart": [{"path": "/bin/true"}]},
+            });
+            std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+            let config = dir.path().join("config.toml");
+            let log_dir = dir.path().join("log");
+            std::fs::write(
+                &config,
+                format!("[console]\nlog_dir = {:?}\n", log_dir.to_str().unwrap()),
+            )
+            .unwrap();
+            let options = Options {
+                root: dir.path().join("run"),
+                log: None,
+                log_format: LogFormat::Text,
+                debug: false,
+                config: Some(config),
+                systemd_cgroup: false,
+            };
+            let id = ContainerId::new(ID).unwrap();
+            // What Store::create makes before the supervisor starts.
+            std::fs::create_dir_all(options.root.join(ID)).unwrap();
+            let prepared = Prepared::load(&options, &id, &bundle, None, false).unwrap();
+            Fixture {
+                _dir: dir,
+                id,
+                prepared,
+            }
+        }
+    }
+
+    /// Runs `test` on a runtime that is left behind without waiting for its blocking threads:
+    /// the relay of a process without a terminal reads this process's standard input there,
+    /// which may never end (a terminal).
+    fn block_on<F: Future>(test: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let output = rt.block_on(async {
+            tokio::time::timeout(PATIENCE, test)
+                .await
+                .expect("the supervisor finished in time")
+        });
+        rt.shutdown_background();
+        output
+    }
+
+    /// An answer pipe: the supervisor's end, and the text written to it until it was closed.
+    fn answer_pipe() -> (Option<File>, impl Future<Output = String>) {
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let text = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut text = String::new();
+                File::from(read_end).read_to_string(&mut text).unwrap();
+                text
+            })
+            .await
+            .unwrap()
+        };
+        (Some(File::from(write_end)), text)
+    }
+
+    /// Supervises the fixture's container on `fake`, calling `then` once the supervisor has
+    /// answered; returns how supervision ended and the answer.
+    fn supervise_on(fake: &FakeHost, fixture: &Fixture, then: impl FnOnce()) -> (Ended, String) {
+        let (mut answer, text) = answer_pipe();
+        block_on(async {
+            let supervising = supervise(
+                &fake.host,
+                &fixture.id,
+                fixture.prepared.clone(),
+                None,
+                &mut answer,
+            );
+            let answered = async {
+                let text = text.await;
+                then();
+                text
+            };
+            tokio::join!(supervising, answered)
+        })
+    }
+
+    /// Nothing of the sandbox is left: no VM running, nothing mounted, no share directory.
+    fn assert_nothing_left(fake: &FakeHost, fixture: &Fixture) {
+        assert_eq!(fake.launcher.launched().len(), 1);
+        assert_eq!(fake.launcher.running(), 0);
+        assert_eq!(fake.mounts.mounted(), Vec::<PathBuf>::new());
+        assert!(!fixture.prepared.paths.shared.exists());
+    }
+
+    #[test]
+    fn supervise_creates_the_container_answers_ok_and_ends_with_its_process() {
+        let fixture = Fixture::new();
+        let fake = FakeHost::new();
+        let guest = fake.guest().clone();
+
+        let (ended, answer) = supervise_on(&fake, &fixture, || guest.exit(ID, "", 3));
+
+        assert_eq!(answer, "ok\n");
+        assert_eq!(ended, Ended::Process { code: 3, signal: 0 });
+        let sandbox = guest.sandbox().expect("CreateSandbox was sent");
+        assert_eq!(sandbox.sandbox_id, ID);
+        assert_eq!(sandbox.hostname, "sv-host");
+        let created = guest.created();
+        assert_eq!(created.len(), 1);
+        assert_eq!(created[0].container_id, ID);
+        let rootfs = format!("{GUEST_SHARE_DIR}/{ID}/rootfs");
+        assert_eq!(created[0].rootfs_path, rootfs);
+        let sent: oci_spec::runtime::Spec =
+            serde_json::from_slice(&created[0].oci_spec_json).unwrap();
+        assert!(fixture.prepared.bundle.spec.hooks().is_some());
+        assert_eq!(sent.hooks(), &None);
+        assert_eq!(
+            sent.root().as_ref().map(|r| r.path().clone()),
+            Some(PathBuf::from(&rootfs))
+        );
+        assert_eq!(sent.process(), fixture.prepared.plan.guest_spec.process());
+        assert!(guest.destroyed(), "DestroySandbox was sent");
+        assert!(fake.launcher.signals().contains(&Signal::SIGTERM));
+        assert_nothing_left(&fake, &fixture);
+    }
+
+    #[test]
+    fn a_failed_create_container_is_answered_with_the_agents_message_and_undone() {
+        let fixture = Fixture::new();
+        let fake = FakeHost::new();
+        fake.guest()
+            .fail("CreateContainer", "exec: sh: no such file or directory");
+
+        let (ended, answer) = supervise_on(&fake, &fixture, || {});
+
+        assert_eq!(ended, Ended::Failed(exit::FAILURE));
+        let (status, message) = answer.split_once('\n').unwrap();
+        assert_eq!(status, format!("error {}", exit::FAILURE));
+        assert!(
+            message.contains("exec: sh: no such file or directory"),
+            "{message}"
+        );
+        assert!(fake.guest().destroyed(), "DestroySandbox was sent");
+        assert!(!fake.guest().has_container(ID));
+        assert_nothing_left(&fake, &fixture);
+    }
+
+    #[test]
+    fn a_vmm_dying_while_booting_is_answered_as_such() {
+        let fixture = Fixture::new();
+        let fake = FakeHost::new();
+        fake.launcher.exit_while_booting("exit status: 2");
+
+        let (ended, answer) = supervise_on(&fake, &fixture, || {});
+
+        assert_eq!(ended, Ended::Failed(exit::FAILURE));
+        assert!(answer.starts_with("error 1\n"), "{answer}");
+        assert!(
+            answer.contains("husk-vmm exited (exit status: 2)"),
+            "{answer}"
+        );
+        assert_eq!(fake.guest().count("CreateSandbox"), 0);
+        assert_eq!(fake.guest().count("CreateContainer"), 0);
+        assert_nothing_left(&fake, &fixture);
+    }
+
+    #[test]
+    fn a_vmm_crashing_after_the_answer_fails_the_supervisor() {
+        let fixture = Fixture::new();
+        let fake = FakeHost::new();
+        let launcher = fake.launcher.clone();
+
+        let (ended, answer) = supervise_on(&fake, &fixture, || launcher.crash("signal: 9"));
+
+        assert_eq!(answer, "ok\n");
+        assert_eq!(ended, Ended::Failed(exit::FAILURE));
+        assert!(fake.guest().has_container(ID));
+        // The VM was gone: nothing was left to destroy or signal.
+        assert!(!fake.guest().destroyed());
+        assert_eq!(fake.launcher.signals(), Vec::<Signal>::new());
+        assert_nothing_left(&fake, &fixture);
+    }
+
+    #[test]
+    fn what_create_decided_round_trips_through_its_file() {
+        let fixture = Fixture::new();
+        let dir = fixture.prepared.paths.dir.clone();
+
+        fixture.prepared.save(&dir).unwrap();
+        let read = Prepared::read(&dir).unwrap();
+
+        // Everything but where the configuration came from (only `husk check` says that).
+        let mut expected = fixture.prepared.clone();
+        expected.config.origin = config::Origin::Defaults;
+        assert_eq!(read, expected);
+        let mode = std::fs::metadata(dir.join(PREPARED_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_missing_prepared_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let err = Prepared::read(dir.path()).unwrap_err();
+
+        let message = err.to_string();
+        assert!(matches!(err, SupervisorError::Prepared { .. }), "{err:?}");
+        assert!(
+            message.contains(&dir.path().join(PREPARED_FILE).display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("does not exist"), "{message}");
+        assert_eq!(err.exit_code(), exit::FAILURE);
+    }
+
+    #[test]
+    fn a_corrupt_prepared_file_is_a_clear_error() {
+        let fixture = Fixture::new();
+        let dir = fixture.prepared.paths.dir.clone();
+        fixture.prepared.save(&dir).unwrap();
+        let path = dir.join(PREPARED_FILE);
+        let json = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &json[..json.len() / 2]).unwrap();
+
+        let err = Prepared::read(&dir).unwrap_err();
+
+        let message = err.to_string();
+        assert!(matches!(err, SupervisorError::Prepared { .. }), "{err:?}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("corrupt"), "{message}");
+    }
+
+    #[test]
+    fn an_oversized_prepared_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join(PREPARED_FILE)).unwrap();
+        file.set_len(MAX_PREPARED_BYTES + 1).unwrap();
+
+        let message = Prepared::read(dir.path()).unwrap_err().to_string();
+
+        assert!(message.contains("larger than"), "{message}");
+    }
 
     #[test]
     fn answers_round_trip() {

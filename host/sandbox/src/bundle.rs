@@ -11,6 +11,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Process, Spec};
+use serde::{Deserialize, Serialize};
 
 /// The spec's file name in a bundle.
 pub const CONFIG_FILE: &str = "config.json";
@@ -87,7 +88,8 @@ pub enum BundleError {
 }
 
 /// A bundle ready for `create`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Bundle {
     /// The bundle directory, absolute with symlinks resolved.
     pub dir: PathBuf,

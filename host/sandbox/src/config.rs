@@ -69,11 +69,13 @@ pub enum ConfigError {
 }
 
 /// Where the configuration came from, for messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Origin {
     /// A file that was read.
     File(PathBuf),
-    /// No file: built-in defaults only.
+    /// No file: built-in defaults only (also what a deserialized [`Config`] says, since its
+    /// origin is not serialized).
+    #[default]
     Defaults,
 }
 
@@ -138,21 +140,25 @@ struct FileLimits {
 // ---- the effective configuration ----
 
 /// The effective configuration: file values over discovered paths and built-in defaults.
-/// Serializes to the same TOML schema the file uses (what `husk check` prints).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Serializes to the same TOML schema the file uses (what `husk check` prints); deserializes
+/// from it too (how the runtime hands a configuration it loaded to its supervisor), without the
+/// checks [`load`] makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub guest: GuestConfig,
     pub vmm: VmmConfig,
     pub vm: VmConfig,
     pub console: ConsoleConfig,
     pub limits: Limits,
-    /// Where it came from (not serialized).
+    /// Where it came from (not serialized: [`Origin::Defaults`] once deserialized).
     #[serde(skip)]
     pub origin: Origin,
 }
 
 /// `[guest]`: what the microVM boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     /// The guest kernel (an uncompressed ELF `vmlinux` with a PVH entry).
     pub kernel: PathBuf,
@@ -161,14 +167,16 @@ pub struct GuestConfig {
 }
 
 /// `[vmm]`: the monitor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmmConfig {
     /// The husk-vmm binary.
     pub path: PathBuf,
 }
 
 /// `[vm]`: the size of a microVM when the spec sets no resources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// vCPUs of a microVM whose spec sets no CPU limit.
     pub vcpus: u32,
@@ -179,7 +187,8 @@ pub struct VmConfig {
 }
 
 /// `[console]`: the guest's serial console.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
     /// Directory of the per-container console logs (`<log_dir>/<id>.log`).
     pub log_dir: PathBuf,
@@ -193,7 +202,8 @@ pub struct ConsoleConfig {
 }
 
 /// `[limits]`: bounds on what a spec may ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// The most vCPUs one microVM gets.
     pub max_vcpus: u32,

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use husk_vmm_config::{FsSpec, VmmConfig};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::id::ContainerId;
@@ -53,7 +54,8 @@ pub enum PathError {
 }
 
 /// Where a sandbox's files are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SandboxPaths {
     /// `<root>/<id>`.
     pub dir: PathBuf,

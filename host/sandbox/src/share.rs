@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::id::ContainerId;
@@ -80,7 +81,8 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ShareE
 }
 
 /// One bind mount into the share.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Bind {
     /// The host path, resolved.
     pub source: PathBuf,
@@ -95,7 +97,8 @@ pub struct Bind {
 }
 
 /// What to bind for one container, and its spec rewritten for the guest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SharePlan {
     /// The binds, rootfs first.
     pub binds: Vec<Bind>,

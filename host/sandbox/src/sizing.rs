@@ -10,6 +10,7 @@
 //! than silently given less. The same limits are applied inside the guest as cgroups by the agent.
 
 use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 
@@ -50,7 +51,8 @@ pub enum SizingError {
 }
 
 /// The size of one microVM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmSize {
     /// vCPUs.
     pub vcpus: u32,

@@ -254,7 +254,7 @@ pub fn report(items: &[Item], config: &Config) -> String {
 
 /// Runs `husk check`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
-    let (path, explicit) = cli.config_path();
+    let (path, explicit) = cli.options().config_path();
     let config = config::load(&path, explicit, &Discovery::from_process()?)?;
     let items = items(&config, &cli.root(), args.bundle.as_deref());
     super::print(&report(&items, &config))?;

@@ -52,7 +52,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
     check_preserve_fds(args.preserve_fds)?;
     let created = container::create(
-        cli,
+        &cli.options(),
         &CreateRequest {
             id: &id,
             bundle: &args.bundle,

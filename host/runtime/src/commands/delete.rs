@@ -6,7 +6,7 @@ use oci_spec::runtime::ContainerState;
 use super::CommandError;
 use crate::cli::Cli;
 use crate::config::{self, Discovery};
-use crate::container::{self, Locked};
+use crate::container::{self, ContainerError, Locked};
 use crate::exit;
 use crate::hooks::{self, HookKind};
 use crate::id::ContainerId;
@@ -40,9 +40,10 @@ pub fn delete(cli: &Cli, container: Locked, force: bool) -> Result<(), CommandEr
             let _ = rt.block_on(client.signal_process(id.as_str(), "", 9, true));
         }
     }
-    let (config_path, explicit) = cli.config_path();
+    let options = cli.options();
+    let (config_path, explicit) = options.config_path();
     let config = config::load(&config_path, explicit, &Discovery::from_process()?)?;
-    let paths = SandboxPaths::new(&cli.root(), &config, &id)
+    let paths = SandboxPaths::new(&options.root, &config, &id)
         .map_err(crate::supervisor::SupervisorError::from)?;
     let spec = container::saved_spec(container.lock.dir());
     let mut state = container.state.clone();
@@ -75,9 +76,9 @@ pub fn delete(cli: &Cli, container: Locked, force: bool) -> Result<(), CommandEr
 /// Runs `husk delete`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
-    let container = match Locked::acquire(cli, &id) {
+    let container = match Locked::acquire(&cli.options(), &id) {
         // runc: deleting a container that does not exist with --force succeeds.
-        Err(CommandError::Store(StoreError::NotFound(_))) if args.force => {
+        Err(ContainerError::Store(StoreError::NotFound(_))) if args.force => {
             return Ok(exit::SUCCESS)
         }
         other => other?,

@@ -90,7 +90,7 @@ fn emit(event: &Value) -> Result<(), CommandError> {
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
     let vsock = {
-        let container = Locked::acquire(cli, &id)?;
+        let container = Locked::acquire(&cli.options(), &id)?;
         let status = *container.state.status();
         if status == oci_spec::runtime::ContainerState::Stopped {
             return Err(CommandError::Unsupported(format!(

@@ -179,10 +179,10 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
 fn detach(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     // Checked here too, so that a bad ID or state fails before any process is started.
     let id = ContainerId::new(&args.id)?;
-    Locked::acquire(cli, &id)?.check(Operation::Exec)?;
+    Locked::acquire(&cli.options(), &id)?.check(Operation::Exec)?;
     let mut command = supervisor::husk_command("the exec relay (no path to husk)")?;
     command
-        .args(supervisor::global_args(cli))
+        .args(cli.options().global_args())
         .args(relay_args(args));
     if args.console_socket.is_some() {
         // The process's stdio is the terminal; the relay needs none of its own.
@@ -239,7 +239,7 @@ fn exec(cli: &Cli, args: &Args, answer: &mut Option<File>) -> Result<u8, Command
     let id = ContainerId::new(&args.id)?;
     let (vsock, spec) = {
         // The lock is held only to check; the process may run for long.
-        let container = Locked::acquire(cli, &id)?;
+        let container = Locked::acquire(&cli.options(), &id)?;
         container.check(Operation::Exec)?;
         (
             container.vsock(),

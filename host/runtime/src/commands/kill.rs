@@ -26,7 +26,7 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
     let number = signal::parse(&args.signal)?;
-    let container = Locked::acquire(cli, &id)?;
+    let container = Locked::acquire(&cli.options(), &id)?;
     container.check(Operation::Kill)?;
     let (rt, client) = container.agent()?;
     let signal = u32::try_from(number).unwrap_or(signal::DEFAULT.unsigned_abs());

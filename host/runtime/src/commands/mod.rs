@@ -23,6 +23,7 @@ use std::io::{self, Write};
 use crate::bundle::BundleError;
 use crate::cli::{Cli, Command};
 use crate::config::ConfigError;
+use crate::container::ContainerError;
 use crate::exit;
 use crate::hooks::HookError;
 use crate::id::IdError;
@@ -51,6 +52,8 @@ pub enum CommandError {
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
     Agent(#[from] GuestError),
     #[error(transparent)]
     NotAllowed(#[from] NotAllowed),
@@ -76,6 +79,7 @@ impl CommandError {
             CommandError::Bundle(_) | CommandError::Sizing(_) => exit::BUNDLE,
             CommandError::Spec(err) => err.exit_code(),
             CommandError::Supervisor(err) => err.exit_code(),
+            CommandError::Container(err) => err.exit_code(),
             CommandError::Signal(_) => exit::USAGE,
             CommandError::Agent(_)
             | CommandError::NotAllowed(_)

@@ -20,7 +20,7 @@ pub struct Args {
 /// Pauses (`pause` true) or resumes the container.
 pub fn run(cli: &Cli, args: &Args, pause: bool) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
-    let mut container = Locked::acquire(cli, &id)?;
+    let mut container = Locked::acquire(&cli.options(), &id)?;
     container.check(if pause {
         Operation::Pause
     } else {

@@ -57,7 +57,7 @@ pub fn render(pids: &[u32], format: Format) -> String {
 /// Runs `husk ps`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
-    let container = Locked::acquire(cli, &id)?;
+    let container = Locked::acquire(&cli.options(), &id)?;
     let status = *container.state.status();
     if !matches!(
         status,

@@ -62,7 +62,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
         Some(Forwarding::new().map_err(CommandError::Output)?)
     };
     let created = container::create(
-        cli,
+        &cli.options(),
         &CreateRequest {
             id: &id,
             bundle: &args.bundle,
@@ -93,7 +93,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
         .wait(&id, &vsock, supervisor)
         .map_err(|e| CommandError::Output(std::io::Error::other(e)))?;
     if !args.keep {
-        match Locked::acquire(cli, &id) {
+        match Locked::acquire(&cli.options(), &id) {
             Ok(container) => {
                 if let Err(err) = super::delete::delete(cli, container, true) {
                     tracing::warn!("cannot delete {id} after it exited: {err}");

@@ -1,5 +1,6 @@
 //! `husk sandbox-supervisor` (hidden, internal): the long-lived process of one container,
-//! started by `create`; see `crate::supervisor`.
+//! started by `create`, which it takes over from through the container's state directory; see
+//! `crate::supervisor`.
 
 use std::path::PathBuf;
 
@@ -11,9 +12,6 @@ use crate::supervisor;
 /// Arguments of the supervisor.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The bundle directory.
-    #[arg(long, value_name = "DIR")]
-    pub bundle: PathBuf,
     /// Where the container's terminal master goes.
     #[arg(long, value_name = "SOCK")]
     pub console_socket: Option<PathBuf>,
@@ -26,9 +24,8 @@ pub struct Args {
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
     Ok(supervisor::run(
-        cli,
+        &cli.options(),
         &id,
-        &args.bundle,
         args.console_socket.as_deref(),
     ))
 }

@@ -35,7 +35,7 @@ pub fn start(container: &mut Locked) -> Result<(), CommandError> {
 /// Runs `husk start`.
 pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let id = ContainerId::new(&args.id)?;
-    let mut container = Locked::acquire(cli, &id)?;
+    let mut container = Locked::acquire(&cli.options(), &id)?;
     start(&mut container)?;
     Ok(exit::SUCCESS)
 }

@@ -66,7 +66,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<u8, CommandError> {
     let resources = parse_resources(&args.resources.display().to_string(), &bytes)?;
     let json =
         serde_json::to_vec(&resources).map_err(|e| CommandError::Unsupported(e.to_string()))?;
-    let container = Locked::acquire(cli, &id)?;
+    let container = Locked::acquire(&cli.options(), &id)?;
     let status = *container.state.status();
     if !matches!(
         status,
