@@ -884,6 +884,20 @@ impl Mounter for FakeMounts {
         Ok(())
     }
 
+    fn attach(
+        &self,
+        source: &Path,
+        target: &Path,
+        recursive: bool,
+        readonly: bool,
+    ) -> io::Result<()> {
+        self.bind(source, target, recursive)?;
+        if readonly {
+            self.remount_readonly(target)?;
+        }
+        Ok(())
+    }
+
     fn remount_readonly(&self, target: &Path) -> io::Result<()> {
         self.readonly
             .lock()
@@ -893,6 +907,14 @@ impl Mounter for FakeMounts {
     }
 
     fn make_private(&self, _target: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn make_shared(&self, _target: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn make_slave(&self, _target: &Path) -> io::Result<()> {
         Ok(())
     }
 

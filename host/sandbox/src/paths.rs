@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <root>/<id>/vsock.sock       husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
-//! <root>/<id>/shared/          the virtio-fs share (see `share`), tag [`SHARE_TAG`]
+//! <root>/<id>/shared/          the virtio-fs share as the guest sees it (see `share`), tag
+//!                              [`SHARE_TAG`]: a read-only view of staging/
+//! <root>/<id>/staging/         the host's side of the share: mount points and binds
 //! <root>/<id>/vmm.pid          husk-vmm's PID (so `delete` can make sure it is gone)
 //! <root>/<id>/vmm.log          husk-vmm's own standard output and error
 //! <console.log_dir>/<id>.log   the guest's serial console, capped at console.max_bytes
@@ -61,8 +63,10 @@ pub struct SandboxPaths {
     pub dir: PathBuf,
     /// `<root>/<id>/vsock.sock`.
     pub vsock: PathBuf,
-    /// `<root>/<id>/shared`.
+    /// `<root>/<id>/shared`: what husk-vmm exports (see `share`).
     pub shared: PathBuf,
+    /// `<root>/<id>/staging`: the host's side of the share, never exported.
+    pub staging: PathBuf,
     /// `<console.log_dir>/<id>.log`.
     pub console: PathBuf,
     /// husk-vmm's PID, written by the supervisor once it started it.
@@ -92,6 +96,7 @@ impl SandboxPaths {
             return Err(PathError::CommaInPath(shared));
         }
         Ok(Self {
+            staging: dir.join("staging"),
             shared,
             console: config.console.log_dir.join(format!("{id}.log")),
             vmm_pid: dir.join("vmm.pid"),
@@ -99,6 +104,16 @@ impl SandboxPaths {
             vsock,
             dir,
         })
+    }
+}
+
+impl SandboxPaths {
+    /// The two sides of the sandbox's share.
+    pub fn share(&self) -> crate::share::ShareDirs<'_> {
+        crate::share::ShareDirs {
+            host: &self.staging,
+            guest: &self.shared,
+        }
     }
 }
 

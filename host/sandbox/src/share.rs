@@ -1,11 +1,22 @@
 //! The sandbox's shared directory: what the guest sees of the host through virtio-fs.
 //!
 //! ```text
-//! <root>/<id>/shared/            bound onto itself and made private (nothing propagates)
+//! <root>/<id>/staging/           the host's side: bound onto itself, private, then shared
 //!   <container>/rootfs           bind of the container's rootfs (read-only if root.readonly)
 //!   <container>/mounts/<n>       bind of the spec's n-th mount when it is a bind mount
 //!                                (read-only if its options say "ro")
+//! <root>/<id>/shared/            what husk-vmm exports: a read-only bind of staging/, a slave
+//!                                of it, so each bind made in staging/ appears here too
 //! ```
+//!
+//! The guest can write only inside the binds the spec asks for (the rootfs and the read-write
+//! volumes); the tree around them (`shared/`, `shared/<container>/`, `mounts/`) is read-only to
+//! it. So husk's own mkdirs, binds and unmounts, all made in `staging/`, work on paths no guest
+//! can rename or replace with a symlink, and a guest cannot fill the host's `/run` through the
+//! share. Every bind is made detached (`open_tree`), given `nosuid,nodev` (and `ro` when asked)
+//! there (`mount_setattr`), and only then attached (`move_mount`): a read-only volume is never
+//! writable, not even for an instant, and a device node a guest creates in a volume cannot open
+//! a host device.
 //!
 //! The guest mounts the share at [`GUEST_SHARE_DIR`]; the spec handed to the agent is rewritten so
 //! that `root.path` and the bind mounts' sources point there. Names inside the share come only
@@ -14,13 +25,14 @@
 //! relative ones are relative to the bundle, all are resolved (symlinks followed) and must exist.
 //! Mount destinations are resolved inside the container's rootfs by the agent, in the guest.
 //!
-//! Mounting goes through the [`Mounter`] trait: [`HostMounter`] does the system calls, tests use
-//! a recording double, and one test does real mounts (it needs root, like husk itself).
+//! Mounting goes through the [`Mounter`] trait: [`HostMounter`] does the system calls (Linux 5.12
+//! or later, for `mount_setattr`), tests use a recording double, and one test does real mounts
+//! (it needs root, like husk itself).
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
@@ -200,12 +212,25 @@ pub fn plan(bundle: &Bundle, container: &ContainerId) -> Result<SharePlan, Share
 
 /// The mount system calls the share needs.
 pub trait Mounter {
-    /// `mount --bind` (or `--rbind`).
+    /// `mount --bind` (or `--rbind`), as it is: for the share's own directories.
     fn bind(&self, source: &Path, target: &Path, recursive: bool) -> io::Result<()>;
-    /// Remounts a bind mount read-only.
+    /// Binds `source` (with its submounts if `recursive`) onto `target` as `nosuid,nodev`, and
+    /// read-only if `readonly`, with the flags set before the mount is attached.
+    fn attach(
+        &self,
+        source: &Path,
+        target: &Path,
+        recursive: bool,
+        readonly: bool,
+    ) -> io::Result<()>;
+    /// Remounts a bind mount read-only (`nosuid,nodev` too).
     fn remount_readonly(&self, target: &Path) -> io::Result<()>;
     /// Makes a mount (and its submounts) private: no propagation in or out.
     fn make_private(&self, target: &Path) -> io::Result<()>;
+    /// Makes a mount shared: mounts made under it propagate to its peers and slaves.
+    fn make_shared(&self, target: &Path) -> io::Result<()>;
+    /// Makes a mount a slave: it receives its master's mounts and sends none back.
+    fn make_slave(&self, target: &Path) -> io::Result<()>;
     /// Detaches a mount (`umount -l`).
     fn unmount(&self, target: &Path) -> io::Result<()>;
 }
@@ -236,57 +261,197 @@ impl Mounter for HostMounter {
         mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(io::Error::from)
     }
 
+    fn attach(
+        &self,
+        source: &Path,
+        target: &Path,
+        recursive: bool,
+        readonly: bool,
+    ) -> io::Result<()> {
+        let mut attr_set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+        if readonly {
+            attr_set |= libc::MOUNT_ATTR_RDONLY;
+        }
+        let tree = fd_mount::open_tree_clone(source, recursive)?;
+        fd_mount::set_attr(&tree, attr_set, recursive)?;
+        fd_mount::move_to(&tree, target)
+    }
+
     fn remount_readonly(&self, target: &Path) -> io::Result<()> {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
         mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(io::Error::from)
     }
 
     fn make_private(&self, target: &Path) -> io::Result<()> {
-        let flags = MsFlags::MS_PRIVATE | MsFlags::MS_REC;
-        mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(io::Error::from)
+        propagation(target, MsFlags::MS_PRIVATE | MsFlags::MS_REC)
+    }
+
+    fn make_shared(&self, target: &Path) -> io::Result<()> {
+        propagation(target, MsFlags::MS_SHARED)
+    }
+
+    fn make_slave(&self, target: &Path) -> io::Result<()> {
+        propagation(target, MsFlags::MS_SLAVE)
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {
-        umount2(target, MntFlags::MNT_DETACH).map_err(io::Error::from)
+        umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).map_err(io::Error::from)
     }
 }
 
-/// Sets up the share directory itself (`share`, created 0700): bound onto itself and made
-/// private, so the binds inside it propagate nowhere.
-pub fn create_share<M: Mounter + ?Sized>(share: &Path, mounter: &M) -> Result<(), ShareError> {
+fn propagation(target: &Path, flags: MsFlags) -> io::Result<()> {
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(io::Error::from)
+}
+
+/// The new mount API (Linux 5.2; `mount_setattr` 5.12), which nix does not wrap.
+mod fd_mount {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    fn c_path(path: &Path) -> io::Result<CString> {
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// A detached copy of the mount at `source` (and of its submounts if `recursive`).
+    pub fn open_tree_clone(source: &Path, recursive: bool) -> io::Result<OwnedFd> {
+        let path = c_path(source)?;
+        let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+        if recursive {
+            flags |= libc::AT_RECURSIVE as libc::c_uint;
+        }
+        // SAFETY: open_tree reads the NUL-terminated path, which outlives the call, and
+        // returns a new fd or -1; no memory of ours is written.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Sets `attr_set` on the detached tree `tree` (all of it if `recursive`).
+    pub fn set_attr(tree: &OwnedFd, attr_set: u64, recursive: bool) -> io::Result<()> {
+        let mut attr: libc::mount_attr = libc::mount_attr {
+            attr_set,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let mut flags = libc::AT_EMPTY_PATH;
+        if recursive {
+            flags |= libc::AT_RECURSIVE;
+        }
+        // SAFETY: mount_setattr reads `size` bytes of `attr` (a live, initialised struct) and
+        // the empty NUL-terminated path; the fd is ours and open.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                flags,
+                &mut attr as *mut libc::mount_attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches the detached tree `tree` at `target`.
+    pub fn move_to(tree: &OwnedFd, target: &Path) -> io::Result<()> {
+        let path = c_path(target)?;
+        // SAFETY: move_mount reads the two NUL-terminated paths, which outlive the call; the
+        // fd is ours and open.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The two sides of a sandbox's share (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareDirs<'a> {
+    /// `staging/`: where husk makes mount points and binds; never exported.
+    pub host: &'a Path,
+    /// `shared/`: what husk-vmm exports; a read-only slave view of `host`.
+    pub guest: &'a Path,
+}
+
+fn make_dir(dir: &Path) -> Result<(), ShareError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(share)
-        .map_err(io_err("create", share))?;
-    mounter
-        .bind(share, share, false)
-        .map_err(io_err("bind-mount onto itself", share))?;
-    mounter
-        .make_private(share)
-        .map_err(io_err("make private", share))
+        .create(dir)
+        .map_err(io_err("create", dir))
 }
 
-/// Binds a plan's sources into `share` (made by [`create_share`]). On failure the binds made so
-/// far are undone.
+/// Sets up the share's two directories (created 0700): `host` bound onto itself, made private
+/// (nothing of the host's propagates into it) and then shared; `guest` a bind of it, made its
+/// slave and read-only.
+pub fn create_share<M: Mounter + ?Sized>(
+    dirs: ShareDirs<'_>,
+    mounter: &M,
+) -> Result<(), ShareError> {
+    make_dir(dirs.host)?;
+    mounter
+        .bind(dirs.host, dirs.host, false)
+        .map_err(io_err("bind-mount onto itself", dirs.host))?;
+    mounter
+        .make_private(dirs.host)
+        .map_err(io_err("make private", dirs.host))?;
+    mounter
+        .make_shared(dirs.host)
+        .map_err(io_err("make shared", dirs.host))?;
+    make_dir(dirs.guest)?;
+    mounter
+        .bind(dirs.host, dirs.guest, false)
+        .map_err(io_err("bind-mount the share's host side onto", dirs.guest))?;
+    mounter
+        .make_slave(dirs.guest)
+        .map_err(io_err("make a slave", dirs.guest))?;
+    mounter
+        .remount_readonly(dirs.guest)
+        .map_err(io_err("remount read-only", dirs.guest))
+}
+
+/// Binds a plan's sources into the share (made by [`create_share`]), on its host side. On
+/// failure the binds made so far are undone.
 pub fn bind_all<M: Mounter + ?Sized>(
-    share: &Path,
+    dirs: ShareDirs<'_>,
     plan: &SharePlan,
     mounter: &M,
 ) -> Result<(), ShareError> {
     let mut done: Vec<PathBuf> = Vec::new();
     let result = plan.binds.iter().try_for_each(|bind| {
-        let target = share.join(&bind.target);
+        let target = dirs.host.join(&bind.target);
         make_mount_point(&target, bind.is_dir)?;
         mounter
-            .bind(&bind.source, &target, bind.recursive)
+            .attach(&bind.source, &target, bind.recursive, bind.readonly)
             .map_err(io_err("bind-mount onto", &target))?;
-        done.push(target.clone());
-        if bind.readonly {
-            mounter
-                .remount_readonly(&target)
-                .map_err(io_err("remount read-only", &target))?;
-        }
+        done.push(target);
         Ok(())
     });
     if result.is_err() {
@@ -298,12 +463,7 @@ pub fn bind_all<M: Mounter + ?Sized>(
 }
 
 fn make_mount_point(target: &Path, is_dir: bool) -> Result<(), ShareError> {
-    let parent = target.parent().unwrap_or(target);
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(parent)
-        .map_err(io_err("create", parent))?;
+    make_dir(target.parent().unwrap_or(target))?;
     if is_dir {
         DirBuilder::new()
             .mode(0o700)
@@ -319,34 +479,100 @@ fn make_mount_point(target: &Path, is_dir: bool) -> Result<(), ShareError> {
     }
 }
 
-/// Unmounts everything at or under `share` (deepest first, as listed in `mountinfo`, the text of
-/// /proc/self/mountinfo), checks that nothing is left mounted, then removes the share's mount
-/// points. It deletes only empty directories and empty files, so a mount that survived can never
-/// lead to deleting the files behind it.
-pub fn remove_share<M: Mounter + ?Sized>(
-    share: &Path,
+/// Unmounts and removes one container's part of the share (`<container>/` on both sides).
+pub fn remove_container<M: Mounter + ?Sized>(
+    dirs: ShareDirs<'_>,
+    container: &str,
     mounter: &M,
     mountinfo: &dyn Fn() -> io::Result<String>,
 ) -> Result<(), ShareError> {
-    let read = || mountinfo().map_err(io_err("read the mount table for", share));
-    let mut points = mounts_under(&read()?, share);
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for point in &points {
-        // The same point may be listed twice (stacked mounts); detach until it is gone.
-        let _ = mounter.unmount(point);
+    let mut parts = Path::new(container).components();
+    if !matches!(
+        (parts.next(), parts.next()),
+        (Some(Component::Normal(_)), None)
+    ) {
+        return Err(ShareError::Unexpected(dirs.host.join(container)));
     }
-    let remaining = mounts_under(&read()?, share);
-    if !remaining.is_empty() {
-        return Err(ShareError::StillMounted {
-            path: share.to_path_buf(),
-            remaining,
-        });
+    let host = dirs.host.join(container);
+    let guest = dirs.guest.join(container);
+    unmount_and_remove(&[&host, &guest], &[&host, &guest], mounter, mountinfo)
+}
+
+/// Unmounts everything of the share (both sides, deepest first, as listed in `mountinfo`, the
+/// text of /proc/self/mountinfo), checks that nothing is left mounted, then removes the
+/// share's mount points. It deletes only empty directories and empty files, so a mount that
+/// survived can never lead to deleting the files behind it; and it works only on the host
+/// side and on the guest side's (read-only, unchangeable) mount point.
+pub fn remove_share<M: Mounter + ?Sized>(
+    dirs: ShareDirs<'_>,
+    mounter: &M,
+    mountinfo: &dyn Fn() -> io::Result<String>,
+) -> Result<(), ShareError> {
+    let both = [dirs.guest, dirs.host];
+    unmount_and_remove(&both, &both, mounter, mountinfo)
+}
+
+/// The most rounds of unmounting (stacked mounts need one each).
+const MAX_UNMOUNT_ROUNDS: usize = 16;
+
+/// Detaches every mount under `unmount`, checks that none is left under `check`, then removes
+/// the directories of `check` (see [`remove_share`]). Only the topmost mounts are detached (a
+/// lazy unmount takes the submounts with it): their paths lie in husk's own tree, while a
+/// deeper mount's path runs through a bind the guest can write, where a planted symlink could
+/// point the unmount at a host mount.
+fn unmount_and_remove<M: Mounter + ?Sized>(
+    unmount: &[&Path],
+    check: &[&Path],
+    mounter: &M,
+    mountinfo: &dyn Fn() -> io::Result<String>,
+) -> Result<(), ShareError> {
+    let first = check.first().copied().unwrap_or(Path::new("/"));
+    let read = || mountinfo().map_err(io_err("read the mount table for", first));
+    for _ in 0..MAX_UNMOUNT_ROUNDS {
+        let table = read()?;
+        let points = topmost(unmount.iter().flat_map(|dir| mounts_under(&table, dir)));
+        if points.is_empty() {
+            break;
+        }
+        for point in &points {
+            // A propagated copy goes with its master: ignore what is already gone.
+            let _ = mounter.unmount(point);
+        }
     }
-    match fs::symlink_metadata(share) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(io_err("inspect", share)(err)),
-        Ok(_) => remove_mount_points(share),
+    let table = read()?;
+    for dir in check {
+        let remaining = mounts_under(&table, dir);
+        if !remaining.is_empty() {
+            return Err(ShareError::StillMounted {
+                path: dir.to_path_buf(),
+                remaining,
+            });
+        }
     }
+    for dir in check {
+        match fs::symlink_metadata(dir) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io_err("inspect", dir)(err)),
+            Ok(meta) if meta.is_dir() => remove_mount_points(dir)?,
+            Ok(_) => return Err(ShareError::Unexpected(dir.to_path_buf())),
+        }
+    }
+    Ok(())
+}
+
+/// The mount points not below another one of `points` (each once).
+fn topmost(points: impl Iterator<Item = PathBuf>) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = points.collect();
+    points.sort();
+    points.dedup();
+    let mut top: Vec<PathBuf> = Vec::new();
+    for point in points {
+        // Sorted, so a mount's ancestors come before it.
+        if !top.iter().any(|t| point.starts_with(t)) {
+            top.push(point);
+        }
+    }
+    top
 }
 
 /// Removes a tree made only of directories and empty files.
@@ -561,6 +787,25 @@ mod tests {
             ));
             Ok(())
         }
+        fn attach(
+            &self,
+            source: &Path,
+            target: &Path,
+            recursive: bool,
+            readonly: bool,
+        ) -> io::Result<()> {
+            if self.fail_on.is_some_and(|f| target.ends_with(f)) {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            let kind = if recursive { "rattach" } else { "attach" };
+            let ro = if readonly { " ro" } else { "" };
+            self.calls.borrow_mut().push(format!(
+                "{kind}{ro} {} {}",
+                source.display(),
+                target.display()
+            ));
+            Ok(())
+        }
         fn remount_readonly(&self, target: &Path) -> io::Result<()> {
             self.calls
                 .borrow_mut()
@@ -573,6 +818,18 @@ mod tests {
                 .push(format!("private {}", target.display()));
             Ok(())
         }
+        fn make_shared(&self, target: &Path) -> io::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(format!("shared {}", target.display()));
+            Ok(())
+        }
+        fn make_slave(&self, target: &Path) -> io::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(format!("slave {}", target.display()));
+            Ok(())
+        }
         fn unmount(&self, target: &Path) -> io::Result<()> {
             self.calls
                 .borrow_mut()
@@ -581,55 +838,128 @@ mod tests {
         }
     }
 
+    /// The two sides of a share in `dir`.
+    fn dirs(dir: &Path) -> (PathBuf, PathBuf) {
+        (dir.join("staging"), dir.join("shared"))
+    }
+
     #[test]
-    fn binds_are_made_in_order_with_read_only_remounts() {
+    fn binds_are_made_on_the_host_side_with_their_flags_before_attaching() {
         let (dir, bundle) = bundle();
         let plan = plan(&bundle, &id()).unwrap();
-        let share = dir.path().join("shared");
+        let (host, guest) = dirs(dir.path());
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
         let recorder = Recorder::default();
-        create_share(&share, &recorder).unwrap();
-        bind_all(&share, &plan, &recorder).unwrap();
-        let s = share.display();
+        create_share(share, &recorder).unwrap();
+        bind_all(share, &plan, &recorder).unwrap();
+        let (h, g) = (host.display(), guest.display());
         let hosts = fs::canonicalize(dir.path().join("hosts")).unwrap();
         assert_eq!(
             *recorder.calls.borrow(),
             vec![
-                format!("bind {s} {s}"),
-                format!("private {s}"),
-                format!("rbind {} {s}/c1/rootfs", bundle.rootfs.display()),
-                format!("ro {s}/c1/rootfs"),
+                format!("bind {h} {h}"),
+                format!("private {h}"),
+                format!("shared {h}"),
+                format!("bind {h} {g}"),
+                format!("slave {g}"),
+                format!("ro {g}"),
+                format!("rattach ro {} {h}/c1/rootfs", bundle.rootfs.display()),
                 format!(
-                    "rbind {} {s}/c1/mounts/1",
+                    "rattach ro {} {h}/c1/mounts/1",
                     bundle.dir.join("data").display()
                 ),
-                format!("ro {s}/c1/mounts/1"),
-                format!("bind {} {s}/c1/mounts/2", hosts.display()),
+                format!("attach {} {h}/c1/mounts/2", hosts.display()),
             ]
         );
-        assert!(share.join("c1/rootfs").is_dir());
-        assert!(share.join("c1/mounts/2").is_file());
+        assert!(host.join("c1/rootfs").is_dir());
+        assert!(host.join("c1/mounts/2").is_file());
     }
 
     #[test]
     fn a_failed_bind_undoes_the_earlier_ones() {
         let (dir, bundle) = bundle();
         let plan = plan(&bundle, &id()).unwrap();
-        let share = dir.path().join("shared");
+        let (host, guest) = dirs(dir.path());
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
         let recorder = Recorder {
             fail_on: Some("mounts/2"),
             ..Recorder::default()
         };
-        let err = bind_all(&share, &plan, &recorder).unwrap_err();
+        let err = bind_all(share, &plan, &recorder).unwrap_err();
         assert!(err.to_string().contains("mounts/2"), "{err}");
         let calls = recorder.calls.borrow();
-        let s = share.display();
+        let h = host.display();
         assert_eq!(
             calls[calls.len() - 2..],
             [
-                format!("umount {s}/c1/mounts/1"),
-                format!("umount {s}/c1/rootfs")
+                format!("umount {h}/c1/mounts/1"),
+                format!("umount {h}/c1/rootfs")
             ]
         );
+    }
+
+    #[test]
+    fn only_the_topmost_mounts_are_unmounted() {
+        // A mount below a bind lies in a tree the guest can change (a symlink planted in the
+        // rootfs): its path is never handed to umount; the bind's lazy unmount takes it along.
+        let dir = tempfile::tempdir().unwrap();
+        let (host, guest) = dirs(dir.path());
+        fs::create_dir_all(host.join("c1/rootfs")).unwrap();
+        let table = std::cell::Cell::new(true);
+        let info = format!(
+            "1 1 0:1 / {h}/c1/rootfs rw - ext4 x rw\n\
+             2 1 0:1 / {h}/c1/rootfs/proc rw - proc x rw\n\
+             3 1 0:1 / {g}/c1/rootfs rw - ext4 x rw\n\
+             4 1 0:1 / {g}/c1/rootfs/proc rw - proc x rw\n",
+            h = host.display(),
+            g = guest.display()
+        );
+        let recorder = Recorder::default();
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
+        remove_container(share, "c1", &recorder, &|| {
+            // Mounted on the first read, gone after the unmounts.
+            Ok(if table.replace(false) {
+                info.clone()
+            } else {
+                String::new()
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            *recorder.calls.borrow(),
+            vec![
+                format!("umount {}/c1/rootfs", guest.display()),
+                format!("umount {}/c1/rootfs", host.display()),
+            ]
+        );
+        assert!(!host.join("c1").exists());
+        assert!(host.exists(), "the rest of the share stays");
+    }
+
+    #[test]
+    fn a_container_name_is_one_path_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let (host, guest) = dirs(dir.path());
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
+        for name in ["..", "a/b", "/etc", "", "."] {
+            let err = remove_container(share, name, &Recorder::default(), &|| Ok(String::new()));
+            assert!(
+                matches!(err, Err(ShareError::Unexpected(_))),
+                "{name:?}: {err:?}"
+            );
+        }
     }
 
     #[test]
@@ -649,48 +979,110 @@ mod tests {
     #[test]
     fn removal_refuses_while_something_is_still_mounted() {
         let dir = tempfile::tempdir().unwrap();
-        let share = dir.path().join("shared");
-        fs::create_dir_all(share.join("c1/rootfs")).unwrap();
-        let stuck = format!("1 1 0:1 / {}/c1/rootfs rw - ext4 x rw\n", share.display());
-        let err = remove_share(&share, &Recorder::default(), &|| Ok(stuck.clone())).unwrap_err();
+        let (host, guest) = dirs(dir.path());
+        fs::create_dir_all(host.join("c1/rootfs")).unwrap();
+        let stuck = format!("1 1 0:1 / {}/c1/rootfs rw - ext4 x rw\n", host.display());
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
+        let err = remove_share(share, &Recorder::default(), &|| Ok(stuck.clone())).unwrap_err();
         assert!(matches!(err, ShareError::StillMounted { .. }), "{err}");
-        assert!(share.join("c1/rootfs").exists());
+        assert!(host.join("c1/rootfs").exists());
     }
 
     #[test]
     fn removal_refuses_to_delete_real_files() {
         let dir = tempfile::tempdir().unwrap();
-        let share = dir.path().join("shared");
-        fs::create_dir_all(share.join("c1/rootfs/etc")).unwrap();
-        fs::write(share.join("c1/rootfs/etc/passwd"), "root:x:0:0").unwrap();
-        let err = remove_share(&share, &Recorder::default(), &|| Ok(String::new())).unwrap_err();
+        let (host, guest) = dirs(dir.path());
+        fs::create_dir_all(host.join("c1/rootfs/etc")).unwrap();
+        fs::write(host.join("c1/rootfs/etc/passwd"), "root:x:0:0").unwrap();
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
+        let err = remove_share(share, &Recorder::default(), &|| Ok(String::new())).unwrap_err();
         assert!(matches!(err, ShareError::Unexpected(_)), "{err}");
-        assert!(share.join("c1/rootfs/etc/passwd").exists());
+        assert!(host.join("c1/rootfs/etc/passwd").exists());
+        // A symlink where a container's directory was is not followed.
+        fs::create_dir_all(dir.path().join("target/empty")).unwrap();
+        fs::remove_dir_all(host.join("c1")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("target"), host.join("c1")).unwrap();
+        let err = remove_container(share, "c1", &Recorder::default(), &|| Ok(String::new()));
+        assert!(matches!(err, Err(ShareError::Unexpected(_))), "{err:?}");
+        assert!(dir.path().join("target/empty").is_dir());
     }
 
     /// Real mounts: needs root (CAP_SYS_ADMIN), as husk does; fails loudly without it.
     #[test]
     fn real_binds_are_read_only_where_asked_and_removed_without_a_trace() {
+        use nix::sys::statvfs::{statvfs, FsFlags};
         let (dir, bundle) = bundle();
-        let plan = plan(&bundle, &id()).unwrap();
-        let share = dir.path().join("shared");
+        let plan1 = plan(&bundle, &id()).unwrap();
+        let plan2 = plan(&bundle, &ContainerId::new("c2").unwrap()).unwrap();
+        let (host, guest) = dirs(dir.path());
+        let share = ShareDirs {
+            host: &host,
+            guest: &guest,
+        };
         let mounter = HostMounter;
-        create_share(&share, &mounter).expect("bind mounts need root (CAP_SYS_ADMIN)");
-        let bound = bind_all(&share, &plan, &mounter);
-        // Observe through the binds, then tear down before asserting, so a failure leaks no mount.
-        let data = share.join("c1/mounts/1");
+        create_share(share, &mounter).expect("bind mounts need root (CAP_SYS_ADMIN)");
+        let bound = bind_all(share, &plan1, &mounter);
+        // A container added later (a pod's second container) appears on the guest side too.
+        let bound2 = bind_all(share, &plan2, &mounter);
+        // Observe through the guest side, then tear down before asserting, so a failure leaks
+        // no mount.
+        let errno = |r: io::Result<()>| r.map_err(|e| e.raw_os_error());
+        let data = guest.join("c1/mounts/1");
         let read = fs::read_to_string(data.join("file")).map_err(|e| e.raw_os_error());
-        let write_ro = fs::write(data.join("new"), "x").map_err(|e| e.raw_os_error());
-        let write_rw =
-            fs::write(share.join("c1/mounts/2"), "10.0.0.1 h\n").map_err(|e| e.raw_os_error());
-        let removed = remove_share(&share, &mounter, &read_mountinfo);
+        let write_ro = errno(fs::write(data.join("new"), "x"));
+        let write_rw = errno(fs::write(guest.join("c1/mounts/2"), "10.0.0.1 h\n"));
+        let flags = |p: &Path| statvfs(p).map(|v| v.flags()).ok();
+        let (ro_flags, rw_flags) = (flags(&data), flags(&guest.join("c1/mounts/2")));
+        // The tree around the binds cannot be changed by the guest.
+        let mkdir_top = errno(fs::create_dir(guest.join("x")));
+        let rename = errno(fs::rename(guest.join("c1"), guest.join("moved")));
+        let plant = errno(std::os::unix::fs::symlink(
+            "/etc",
+            guest.join("c1/mounts/9"),
+        ));
+        let second =
+            fs::read_to_string(guest.join("c2/mounts/1/file")).map_err(|e| e.raw_os_error());
+        let removed2 = remove_container(share, "c2", &mounter, &read_mountinfo);
+        let table = read_mountinfo().unwrap();
+        let c2_left = [
+            mounts_under(&table, &host.join("c2")),
+            mounts_under(&table, &guest.join("c2")),
+        ];
+        let c1_kept = mounts_under(&table, &guest.join("c1")).len();
+        let removed = remove_share(share, &mounter, &read_mountinfo);
         bound.unwrap();
+        bound2.unwrap();
+        removed2.unwrap();
         removed.unwrap();
         assert_eq!(read, Ok("data".to_owned()));
         assert_eq!(write_ro, Err(Some(libc::EROFS)));
         assert_eq!(write_rw, Ok(()));
-        assert!(!share.exists());
-        assert!(mounts_under(&read_mountinfo().unwrap(), &share).is_empty());
+        let ro_flags = ro_flags.unwrap();
+        assert!(
+            ro_flags.contains(FsFlags::ST_RDONLY | FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+            "{ro_flags:?}"
+        );
+        let rw_flags = rw_flags.unwrap();
+        assert!(
+            rw_flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+            "{rw_flags:?}"
+        );
+        assert!(!rw_flags.contains(FsFlags::ST_RDONLY), "{rw_flags:?}");
+        assert_eq!(mkdir_top, Err(Some(libc::EROFS)));
+        assert_eq!(rename, Err(Some(libc::EROFS)));
+        assert_eq!(plant, Err(Some(libc::EROFS)));
+        assert_eq!(second, Ok("data".to_owned()));
+        assert_eq!(c2_left, [Vec::<PathBuf>::new(), Vec::new()]);
+        assert!(c1_kept >= 3, "removing c2 leaves c1 mounted");
+        assert!(!host.exists() && !guest.exists());
+        let table = read_mountinfo().unwrap();
+        assert!(mounts_under(&table, &host).is_empty() && mounts_under(&table, &guest).is_empty());
         // The sources are untouched, apart from the write through the read-write bind.
         assert_eq!(
             fs::read_to_string(bundle.dir.join("data/file")).unwrap(),

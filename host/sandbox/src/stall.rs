@@ -277,6 +277,7 @@ mod tests {
             dir: dir.to_path_buf(),
             vsock: dir.join("vsock.sock"),
             shared: dir.join("shared"),
+            staging: dir.join("staging"),
             console: dir.join("console.log"),
             vmm_pid: dir.join("vmm.pid"),
             vmm_log: dir.join("vmm.log"),

@@ -242,14 +242,16 @@ impl Sandbox {
 
     /// Binds a container's rootfs and mounts (`plan`) into the share, under `shared/<id>/`.
     pub fn share(&self, plan: &SharePlan) -> Result<(), ShareError> {
-        share::bind_all(&self.paths.shared, plan, self.host.mounts.as_ref())
+        share::bind_all(self.paths.share(), plan, self.host.mounts.as_ref())
     }
 
-    /// Unmounts and removes a container's part of the share (`shared/<container>`).
+    /// Unmounts and removes a container's part of the share (`<container>/` on both sides).
     pub fn unshare(&self, container: &str) {
-        let dir = self.paths.shared.join(container);
         let mounts = self.host.mounts.as_ref();
-        if let Err(err) = share::remove_share(&dir, mounts, &|| mounts.mountinfo()) {
+        let removed = share::remove_container(self.paths.share(), container, mounts, &|| {
+            mounts.mountinfo()
+        });
+        if let Err(err) = removed {
             warn!(%container, %err, "cannot remove the container's share");
         }
     }
@@ -292,7 +294,7 @@ async fn boot_in(
 ) -> Result<Booted, SandboxError> {
     let paths = &spec.paths;
     let mounts = host.mounts.as_ref();
-    share::create_share(&paths.shared, mounts)?;
+    share::create_share(paths.share(), mounts)?;
     if let Some(dir) = paths.console.parent() {
         DirBuilder::new()
             .recursive(true)
@@ -413,7 +415,7 @@ async fn stop_vmm(vmm: &dyn Vmm) {
 /// ever deleted).
 fn remove_files(host: &Host, paths: &SandboxPaths, layout: Layout) -> Result<(), ShareError> {
     let mounts = host.mounts.as_ref();
-    share::remove_share(&paths.shared, mounts, &|| mounts.mountinfo())?;
+    share::remove_share(paths.share(), mounts, &|| mounts.mountinfo())?;
     let mut files = vec![&paths.vmm_pid, &paths.vsock];
     if layout == Layout::OwnDirectory {
         files.extend([&paths.vmm_log, &paths.console]);

@@ -279,10 +279,16 @@ async fn the_rootfs_is_shared_into_the_vm() {
     f.create("c1").await.unwrap();
     let mounted = f.fake.mounts.mounted();
     let shared = f.sandbox_dir("c1").join("shared");
+    let staging = f.sandbox_dir("c1").join("staging");
     assert!(mounted.contains(&shared), "{mounted:?}");
+    assert!(mounted.contains(&staging), "{mounted:?}");
     assert!(
-        mounted.iter().any(|m| m.starts_with(shared.join("c1"))),
-        "{mounted:?}"
+        mounted.contains(&staging.join("c1/rootfs")),
+        "the rootfs is bound on the share's host side: {mounted:?}"
+    );
+    assert!(
+        f.fake.mounts.readonly().contains(&shared),
+        "the guest's side is read-only"
     );
 }
 
