@@ -774,6 +774,15 @@ mod tests {
         fail_on: Option<&'static str>,
     }
 
+    impl Recorder {
+        fn record(&self, what: &str, target: &Path) -> io::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(format!("{what} {}", target.display()));
+            Ok(())
+        }
+    }
+
     impl Mounter for Recorder {
         fn bind(&self, source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
             if self.fail_on.is_some_and(|f| target.ends_with(f)) {
@@ -807,34 +816,19 @@ mod tests {
             Ok(())
         }
         fn remount_readonly(&self, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("ro {}", target.display()));
-            Ok(())
+            self.record("ro", target)
         }
         fn make_private(&self, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("private {}", target.display()));
-            Ok(())
+            self.record("private", target)
         }
         fn make_shared(&self, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("shared {}", target.display()));
-            Ok(())
+            self.record("shared", target)
         }
         fn make_slave(&self, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("slave {}", target.display()));
-            Ok(())
+            self.record("slave", target)
         }
         fn unmount(&self, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("umount {}", target.display()));
-            Ok(())
+            self.record("umount", target)
         }
     }
 
