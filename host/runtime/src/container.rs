@@ -181,11 +181,15 @@ pub fn create(options: &Options, request: &CreateRequest<'_>) -> Result<Created,
 }
 
 /// Undoes a container: its supervisor and husk-vmm are stopped, its share removed, then its
-/// state directory. If the share cannot be removed the directory is kept (deleting through a
+/// state directory and its console log. If the share cannot be removed the directory is kept (deleting through a
 /// mount that survived would delete the user's files) and the reason is logged.
 pub fn discard(lock: ContainerLock, prepared: &Prepared, supervisor: Option<(i32, Option<u64>)>) {
     if let Err(err) = remove(lock, &prepared.paths, supervisor) {
         tracing::error!("{err}");
+    }
+    // The console log lives outside the state directory; nothing of a failed create stays.
+    if let Err(err) = husk_sandbox::files::remove_if_exists(&prepared.paths.console) {
+        tracing::warn!("cannot remove {}: {err}", prepared.paths.console.display());
     }
     if let Some(dir) = &prepared.cgroup {
         if let Err(err) = crate::cgroup::remove(dir) {

@@ -27,7 +27,6 @@ use husk_sandbox::guest::{self, GuestError};
 use husk_sandbox::paths::{PathError, SandboxPaths};
 use husk_sandbox::process::Recorded;
 use husk_sandbox::vm::{self, BootSpec, Host, Layout, Sandbox, SandboxError};
-use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -301,7 +300,8 @@ pub fn spawn(options: &Options, launch: &Launch<'_>) -> Result<Child, Supervisor
             .stdout(Stdio::null())
             .stderr(Stdio::null());
     }
-    command.arg(launch.id.as_str());
+    // After `--`: an ID may start with `-` (as for runc) and must not be read as a flag.
+    command.arg("--").arg(launch.id.as_str());
     spawn_answering(command, "the sandbox supervisor")
 }
 
@@ -476,21 +476,12 @@ enum Ended {
     Signaled(i32),
 }
 
-/// Exits like the container's process: its status, or its terminating signal re-raised.
+/// The supervisor's exit status for the container's process: its status, or 128 + N for
+/// signal N. The signal is not raised again on the supervisor: which signal it is, is the guest's
+/// choice, and a core-dumping one (SIGSEGV, SIGQUIT, ...) would have the host dump the
+/// supervisor's memory and run whatever `core_pattern` names.
 fn finish(code: i32, signal: i32) -> u8 {
     if signal > 0 {
-        if let Ok(sig) = Signal::try_from(signal) {
-            // SAFETY: resetting a signal to its default action and raising it; no handler of
-            // ours is involved and no memory is shared.
-            unsafe {
-                libc::signal(sig as libc::c_int, libc::SIG_DFL);
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, sig as libc::c_int);
-                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-                libc::raise(sig as libc::c_int);
-            }
-        }
         return u8::try_from(signal.saturating_add(128) & 0xff).unwrap_or(exit::FAILURE);
     }
     u8::try_from(code & 0xff).unwrap_or(exit::FAILURE)
@@ -688,6 +679,7 @@ mod tests {
 
     use super::*;
     use crate::logging::LogFormat;
+    use nix::sys::signal::Signal;
 
     const ID: &str = "sv-test";
     /// How long a test waits for the supervisor before it fails.
@@ -991,5 +983,8 @@ mod tests {
         assert_eq!(finish(3, 0), 3);
         assert_eq!(finish(256 + 7, 0), 7);
         assert_eq!(finish(0, 0), 0);
+        // A signal (here SIGSEGV, which would dump core if raised) is an exit status.
+        assert_eq!(finish(139, libc::SIGSEGV), 139);
+        assert_eq!(finish(0, libc::SIGKILL), 137);
     }
 }

@@ -1,8 +1,9 @@
 //! `husk-vmm`: boots one microVM.
 
 use std::ffi::OsString;
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode as ProcessExitCode;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
@@ -17,7 +18,13 @@ fn console_writer(spec: &str) -> anyhow::Result<(Box<dyn Write + Send>, bool)> {
     if spec == "-" {
         return Ok((Box::new(std::io::stdout()), false));
     }
-    let file = File::create(spec)
+    // 0600: the guest's console is the guest's, readable by root only (as husk's other logs).
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(spec)
         .map_err(|e| anyhow::anyhow!("cannot create the console file {spec}: {e}"))?;
     Ok((Box::new(LineWriter::new(file)), true))
 }

@@ -225,11 +225,11 @@ fn relay_args(args: &Args) -> Vec<OsString> {
     if args.tty {
         out.push("--tty".into());
     }
+    // After `--`, so that an ID starting with `-` (valid, as for runc) is never read as a flag;
+    // the command follows it as the trailing positionals.
+    out.push("--".into());
     out.push(args.id.clone().into());
-    if !args.command.is_empty() {
-        out.push("--".into());
-        out.extend(args.command.iter().map(OsString::from));
-    }
+    out.extend(args.command.iter().map(OsString::from));
     out
 }
 
@@ -325,6 +325,25 @@ mod tests {
         Wrapper::parse_from(std::iter::once("exec").chain(line.iter().copied())).args
     }
 
+    #[test]
+    fn the_relay_reads_back_an_id_that_looks_like_a_flag_and_the_whole_command() {
+        let given = args(&["--tty", "--", "-x", "sh", "-c", "echo -- --tty"]);
+        assert_eq!(given.id, "-x");
+        let line: Vec<String> = relay_args(&given)
+            .into_iter()
+            .skip(1) // "exec": the verb, which `args` adds itself
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
+        let relayed = args(&line);
+        assert!(relayed.relay && relayed.tty);
+        assert_eq!(relayed.id, "-x");
+        assert_eq!(relayed.command, ["sh", "-c", "echo -- --tty"]);
+        // Without a command too.
+        let relayed = args(&["--relay", "--", "-x"]);
+        assert_eq!((relayed.id.as_str(), relayed.command.len()), ("-x", 0));
+    }
+
     fn base() -> Process {
         let mut p = Process::default();
         p.set_env(Some(vec!["PATH=/bin".into(), "A=1".into()]));
@@ -392,7 +411,10 @@ mod tests {
         assert_eq!(again.command, ["sh", "-c", "--not-a-flag"]);
 
         let from_file = relay_args(&args(&["-d", "--process", "p.json", "c1"]));
-        assert_eq!(from_file, ["exec", "--relay", "--process", "p.json", "c1"]);
+        assert_eq!(
+            from_file,
+            ["exec", "--relay", "--process", "p.json", "--", "c1"]
+        );
     }
 
     #[test]
