@@ -96,7 +96,7 @@ pub fn mount_early_filesystems() -> Result<()> {
 /// monitor stops, and husk-vmm reports the panic with exit status 3, so a failed guest is never
 /// mistaken for one that shut down cleanly (a plain `reboot(2)` would exit 0).
 pub fn fatal(why: &str) -> ! {
-    eprintln!("husk-agent: fatal: {why}");
+    say_fatal(&why);
     // The console is a tty whose serial driver sends the written bytes later, from its
     // interrupt; the panic that follows resets the guest at once and would lose them. Wait
     // until they are out.
@@ -109,6 +109,14 @@ pub fn fatal(why: &str) -> ! {
     std::process::exit(1)
 }
 
+/// Writes "husk-agent: fatal: WHY" to the console as one write(2) (`eprintln!` writes each piece
+/// of its format on its own), so the kernel's own messages can split the line less often.
+fn say_fatal(why: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let line = format!("husk-agent: fatal: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 /// Makes a kernel panic reset the guest at once whatever the command line says (`panic=-1`), so
 /// that a dying agent never leaves a hung VM behind. Best effort: /proc may not be mounted yet.
 fn reset_on_panic() {
@@ -119,7 +127,7 @@ fn reset_on_panic() {
 /// console with the agent's own prefix before the process ends.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("husk-agent: fatal: {info}");
+        say_fatal(info);
         reset_on_panic();
         // SAFETY: sync(2) takes no arguments.
         unsafe { libc::sync() };
