@@ -290,6 +290,11 @@ impl FakeGuest {
         self.changed.notify_waiters();
     }
 
+    /// OOM kills reported with [`FakeGuest::oom`] that GetOOMEvent has not answered yet.
+    pub fn pending_ooms(&self) -> usize {
+        self.state().ooms.len()
+    }
+
     fn end_process(&self, state: &mut GuestState, container: &str, exec: &str, exit: ExitStatus) {
         if let Some(process) = state
             .processes

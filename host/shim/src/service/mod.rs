@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
@@ -41,7 +41,7 @@ use husk_sandbox::paths::SandboxPaths;
 use husk_sandbox::pump::OUTPUT_DRAIN;
 use husk_sandbox::{bundle, share, sizing, BootSpec, Host, Layout, Sandbox, SharedGuest};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Result, ShimError};
 use crate::io::{PreparedIo, ProcessRef, StdioPaths};
@@ -59,6 +59,9 @@ const VM_GONE_STATUS: u32 = 255;
 /// How long the shim waits, once its last task is deleted after an earlier Shutdown, for the
 /// Shutdown containerd 1.x sends next, before it exits on its own.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The least time between two TaskOOM events of one container: a guest reporting the same
+/// container's OOM kills in a loop gets one event per period.
+const OOM_COALESCE: Duration = Duration::from_secs(1);
 
 /// Where the service's events go: containerd ([`Remote`]), or a recorder in tests.
 pub trait Events: Send + Sync {
@@ -570,33 +573,51 @@ impl Service {
         Ok((pid, Some(io.start(vm.guest()))))
     }
 
-    /// Publishes TaskOOM for every OOM kill the agent reports of a container this shim runs,
-    /// until the VM goes away.
+    /// Publishes TaskOOM for the OOM kills the agent reports of a container this shim runs,
+    /// until the VM goes away: at most one per container per [`OOM_COALESCE`] (the guest decides
+    /// how many it reports), and names of containers this shim does not run are counted and
+    /// logged, not published.
     fn spawn_oom_watcher(&self, vm: &Arc<Sandbox>) {
         let this = self.clone();
         let guest = vm.guest().clone();
         tokio::spawn(async move {
+            let mut last: HashMap<String, Instant> = HashMap::new();
+            let mut strangers: u64 = 0;
             loop {
-                match guest.oom_event().await {
-                    Ok(container_id) => {
-                        if !this.state().containers.contains_key(&container_id) {
-                            warn!(container = %container_id, "the guest reported an OOM kill of a container this shim does not run; ignored");
-                            continue;
-                        }
-                        warn!(container = %container_id, "OOM kill in the guest");
-                        this.publish(
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM {
-                                container_id,
-                                ..Default::default()
-                            }),
-                        );
-                    }
+                let container_id = match guest.oom_event().await {
+                    Ok(id) => id,
                     Err(err) => {
                         info!(%err, "OOM event watch ends");
                         return;
                     }
+                };
+                if !this.state().containers.contains_key(&container_id) {
+                    strangers = strangers.saturating_add(1);
+                    // 1, 2, 4, 8...: a guest naming strangers in a loop cannot flood the log.
+                    if strangers.is_power_of_two() {
+                        warn!(container = %container_id, strangers, "the guest reported an OOM kill of a container this shim does not run; ignored");
+                    }
+                    continue;
                 }
+                let now = Instant::now();
+                if last
+                    .get(&container_id)
+                    .is_some_and(|at| now.duration_since(*at) < OOM_COALESCE)
+                {
+                    debug!(container = %container_id, "OOM kill in the guest, coalesced with the last one");
+                    continue;
+                }
+                // Only containers this shim runs get an entry; forget the ones it no longer runs.
+                last.retain(|id, _| this.state().containers.contains_key(id));
+                last.insert(container_id.clone(), now);
+                warn!(container = %container_id, "OOM kill in the guest");
+                this.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM {
+                        container_id,
+                        ..Default::default()
+                    }),
+                );
             }
         });
     }

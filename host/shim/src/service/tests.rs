@@ -870,6 +870,30 @@ async fn an_oom_kill_of_a_stranger_is_not_published() {
     assert_eq!(ooms[0].container_id, "c1");
 }
 
+#[tokio::test]
+async fn a_flood_of_oom_reports_is_coalesced_and_strangers_are_dropped() {
+    let f = fixture();
+    f.running("c1").await;
+    let guest = f.fake.guest();
+    for i in 0..50 {
+        guest.oom("c1");
+        guest.oom(&format!("stranger-{i}"));
+    }
+    // Every report was taken (the last one, a stranger's, is then dropped at once) ...
+    for _ in 0..400 {
+        if guest.pending_ooms() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(guest.pending_ooms(), 0, "the watcher took every report");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ... and published one event, for the shim's own container.
+    let ooms = f.events.of::<TaskOOM>();
+    assert_eq!(ooms.len(), 1, "{ooms:?}");
+    assert_eq!(ooms[0].container_id, "c1");
+}
+
 // --- Pods ----------------------------------------------------------------------------------
 
 #[tokio::test]
