@@ -144,6 +144,10 @@ struct State {
     containers: HashMap<String, Container>,
     /// Containers whose Create is under way (their IDs are taken; they keep the VM alive).
     creating: HashSet<String>,
+    /// Every container this shim has created, kept after its Delete: the guest's report of an
+    /// OOM kill can come after the task's exit was reported and the task deleted. Bounded by
+    /// what containerd creates, never by the guest.
+    ran: HashSet<String>,
     /// containerd sent Shutdown while tasks were left. containerd 1.x sends one after every
     /// task's Delete; containerd 2.x sends it after the sandbox's only (a pod's containers are
     /// deleted later, with no Shutdown of their own), so the shim must then end by itself once
@@ -263,6 +267,7 @@ impl Service {
             state.creating.remove(&req.id);
             let pid = state.vm.as_ref().map(|v| v.vmm_pid()).unwrap_or(0);
             created.map(|container| {
+                state.ran.insert(req.id.clone());
                 state.containers.insert(req.id.clone(), container);
                 pid
             })
@@ -573,7 +578,8 @@ impl Service {
         Ok((pid, Some(io.start(vm.guest()))))
     }
 
-    /// Publishes TaskOOM for the OOM kills the agent reports of a container this shim runs,
+    /// Publishes TaskOOM for the OOM kills the agent reports of a container this shim created
+    /// (deleted ones too: the report may come after the exit),
     /// until the VM goes away: at most one per container per [`OOM_COALESCE`] (the guest decides
     /// how many it reports), and names of containers this shim does not run are counted and
     /// logged, not published.
@@ -591,7 +597,7 @@ impl Service {
                         return;
                     }
                 };
-                if !this.state().containers.contains_key(&container_id) {
+                if !this.state().ran.contains(&container_id) {
                     strangers = strangers.saturating_add(1);
                     // 1, 2, 4, 8...: a guest naming strangers in a loop cannot flood the log.
                     if strangers.is_power_of_two() {
@@ -607,8 +613,7 @@ impl Service {
                     debug!(container = %container_id, "OOM kill in the guest, coalesced with the last one");
                     continue;
                 }
-                // Only containers this shim runs get an entry; forget the ones it no longer runs.
-                last.retain(|id, _| this.state().containers.contains_key(id));
+                // Only containers this shim ran get an entry (bounded like `ran`).
                 last.insert(container_id.clone(), now);
                 warn!(container = %container_id, "OOM kill in the guest");
                 this.publish(

@@ -894,6 +894,36 @@ async fn a_flood_of_oom_reports_is_coalesced_and_strangers_are_dropped() {
     assert_eq!(ooms[0].container_id, "c1");
 }
 
+#[tokio::test]
+async fn an_oom_kill_reported_after_the_task_was_deleted_is_published() {
+    // Seen in the test host: the task's exit (137) came first, its Delete removed it, and only
+    // then did the guest's OOM report arrive. It is still a container of this pod.
+    let f = fixture();
+    f.service
+        .do_create(&f.create_req("pod", &[(POD, "sandbox")]))
+        .await
+        .unwrap();
+    f.service
+        .do_create(&f.create_req("app", &[(POD, "container"), (POD_SANDBOX, "pod")]))
+        .await
+        .unwrap();
+    f.start("pod", "").await.unwrap();
+    f.start("app", "").await.unwrap();
+    f.fake.guest().exit("app", "", 137);
+    f.wait("app", "").await;
+    f.delete("app", "").await.unwrap();
+    f.fake.guest().oom("app");
+    for _ in 0..200 {
+        if !f.events.of::<TaskOOM>().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ooms = f.events.of::<TaskOOM>();
+    assert_eq!(ooms.len(), 1, "{ooms:?}");
+    assert_eq!(ooms[0].container_id, "app");
+}
+
 // --- Pods ----------------------------------------------------------------------------------
 
 #[tokio::test]
