@@ -112,14 +112,28 @@ fn run(config_path: &str, sync: &mut File) -> Result<()> {
         nix::sched::unshare(CloneFlags::from_bits_truncate(flags))
             .context("creating the container's namespaces")?;
     }
+    // The child reports nothing before the parent has reported its pid (the agent reads the pid
+    // first): it waits for the parent to close this pipe. Without it a quick child's `Ready`
+    // could reach the agent before the pid (seen in twenty_containers_leave_nothing_behind).
+    let (reported_r, reported_w) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: pipe() returned two fresh fds that nothing else owns.
+    let (reported_r, reported_w) =
+        unsafe { (File::from_raw_fd(reported_r), File::from_raw_fd(reported_w)) };
     // SAFETY: this helper is single-threaded (no runtime, no threads were started), so the child
     // may run arbitrary code after fork.
     match unsafe { nix::unistd::fork() }.context("fork")? {
         ForkResult::Parent { child } => {
+            drop(reported_r);
             send(sync, &SyncMsg::Pid(child.as_raw()));
+            drop(reported_w);
             Ok(())
         }
         ForkResult::Child => {
+            drop(reported_w);
+            // EOF once the parent reported the pid (or died: the agent then fails the launch).
+            let mut reported_r = reported_r;
+            let _ = reported_r.read(&mut [0u8; 1]);
+            drop(reported_r);
             let code = match child_main(&cfg, sync) {
                 Ok(never) => match never {},
                 Err(e) => {
