@@ -1,7 +1,8 @@
 //! A sandbox's files, and husk-vmm's configuration for it.
 //!
 //! ```text
-//! <root>/<id>/vsock.sock       husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
+//! <root>/<id>/vm/              the one host directory husk-vmm's jail keeps (writable)
+//! <root>/<id>/vm/vsock.sock    husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
 //! <root>/<id>/shared/          the virtio-fs share as the guest sees it (see `share`), tag
 //!                              [`SHARE_TAG`]: a read-only view of staging/
 //! <root>/<id>/staging/         the host's side of the share: mount points and binds
@@ -23,7 +24,10 @@ use crate::sizing::VmSize;
 pub const GUEST_CID: u64 = 3;
 /// The vsock port husk-agent listens on.
 pub const AGENT_PORT: u32 = 1024;
-/// The hybrid vsock socket's name in the container's directory.
+/// The directory of the sandbox holding husk-vmm's sockets: the only host directory its jail
+/// keeps, so nothing else of the sandbox's files is within its reach.
+pub const VMM_DIR: &str = "vm";
+/// The hybrid vsock socket's name in [`VMM_DIR`].
 pub const VSOCK_FILE: &str = "vsock.sock";
 /// The virtio-fs tag of the sandbox's share; the agent mounts it at `share::GUEST_SHARE_DIR`.
 pub const SHARE_TAG: &str = "husk-shared";
@@ -61,7 +65,7 @@ pub enum PathError {
 pub struct SandboxPaths {
     /// `<root>/<id>`.
     pub dir: PathBuf,
-    /// `<root>/<id>/vsock.sock`.
+    /// `<root>/<id>/vm/vsock.sock` (its directory: husk-vmm's jail keeps it).
     pub vsock: PathBuf,
     /// `<root>/<id>/shared`: what husk-vmm exports (see `share`).
     pub shared: PathBuf,
@@ -82,7 +86,7 @@ impl SandboxPaths {
     /// root).
     pub fn new(root: &Path, config: &Config, id: &ContainerId) -> Result<Self, PathError> {
         let dir = root.join(id.as_str());
-        let vsock = dir.join(VSOCK_FILE);
+        let vsock = dir.join(VMM_DIR).join(VSOCK_FILE);
         let len = vsock.as_os_str().len().saturating_add(PORT_SUFFIX);
         if len > MAX_SOCKET_PATH {
             return Err(PathError::SocketPathTooLong {
@@ -170,7 +174,7 @@ mod tests {
     fn paths_of_a_sandbox() {
         let paths = SandboxPaths::new(Path::new("/run/husk"), &config(), &id("c1")).unwrap();
         assert_eq!(paths.dir, Path::new("/run/husk/c1"));
-        assert_eq!(paths.vsock, Path::new("/run/husk/c1/vsock.sock"));
+        assert_eq!(paths.vsock, Path::new("/run/husk/c1/vm/vsock.sock"));
         assert_eq!(paths.shared, Path::new("/run/husk/c1/shared"));
         assert_eq!(paths.console, Path::new("/var/log/husk/c1.log"));
     }
@@ -216,7 +220,7 @@ mod tests {
         assert_eq!(vmm.console_max_bytes, 16 << 20);
         assert_eq!(
             vmm.vsock_uds.as_deref(),
-            Some(Path::new("/run/husk/c1/vsock.sock"))
+            Some(Path::new("/run/husk/c1/vm/vsock.sock"))
         );
         assert_eq!(vmm.guest_cid, Some(GUEST_CID));
         assert_eq!(vmm.fs.len(), 1);

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! <root>/<id>/                  the sandbox directory (SandboxPaths)
-//!   vsock.sock                  husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
+//!   vm/vsock.sock               husk-vmm's hybrid vsock socket (agent: CONNECT 1024); vm/ is
+//!                               the one host directory husk-vmm's jail keeps
 //!   shared/                     the virtio-fs share (crate::share), tag husk-shared
 //!   shared/<container>/...      each container's rootfs and mounts, bound in
 //!   vmm.pid                     husk-vmm's PID and start time (crate::process::Recorded)
@@ -295,6 +296,16 @@ async fn boot_in(
     let paths = &spec.paths;
     let mounts = host.mounts.as_ref();
     share::create_share(paths.share(), mounts)?;
+    if let Some(dir) = paths.vsock.parent() {
+        DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .or_else(|err| match err.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(err),
+            })
+            .map_err(io_err("create husk-vmm's directory", dir))?;
+    }
     if let Some(dir) = paths.console.parent() {
         DirBuilder::new()
             .recursive(true)
@@ -423,6 +434,15 @@ fn remove_files(host: &Host, paths: &SandboxPaths, layout: Layout) -> Result<(),
     for file in files {
         if let Err(err) = files::remove_if_exists(file) {
             warn!(path = %file.display(), %err, "cannot remove");
+        }
+    }
+    // husk-vmm's directory: its sockets are gone with it (a VM that had guest-initiated
+    // listeners next to its socket leaves them to their owners).
+    if let Some(dir) = paths.vsock.parent() {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => warn!(path = %dir.display(), %err, "cannot remove husk-vmm's directory"),
         }
     }
     if layout == Layout::OwnDirectory {

@@ -98,6 +98,10 @@ pub struct VmmConfig {
     /// and tests only; a Linux guest will not boot in useful time.
     #[arg(long)]
     pub allow_emulated_kvm: bool,
+    /// Run without the jail (own mount namespace and root, no capabilities but virtio-fs's,
+    /// no_new_privs, bounded limits): for debugging only. The jail needs root.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 /// `--name=value`: the `=` form keeps a value that starts with '-' (or is empty) a value.
@@ -124,6 +128,7 @@ impl VmmConfig {
             fs: Vec::new(),
             no_rng: false,
             allow_emulated_kvm: false,
+            no_jail: false,
         }
     }
 
@@ -157,6 +162,9 @@ impl VmmConfig {
         }
         if self.allow_emulated_kvm {
             args.push(OsString::from("--allow-emulated-kvm"));
+        }
+        if self.no_jail {
+            args.push(OsString::from("--no-jail"));
         }
         args
     }

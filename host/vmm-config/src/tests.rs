@@ -38,6 +38,7 @@ fn everything_set() -> VmmConfig {
         ],
         no_rng: true,
         allow_emulated_kvm: true,
+        no_jail: true,
     }
 }
 
@@ -107,6 +108,7 @@ fn args_are_explicit_and_in_a_fixed_order() {
             "--fs",
             "--no-rng",
             "--allow-emulated-kvm",
+            "--no-jail",
         ]
     );
     assert_eq!(args[2], "--cmdline=quiet husk.log=debug init=/init -- a=b");

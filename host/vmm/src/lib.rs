@@ -15,6 +15,7 @@ pub mod exit;
 pub mod fuzzing;
 pub mod guest_log;
 pub mod host_check;
+pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod signals;

@@ -10,6 +10,7 @@ use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{CommandFactory, Parser};
 use husk_vmm::devices::virtio::block::BlockConfig;
 use husk_vmm::devices::virtio::fs::FsConfig;
+use husk_vmm::jail::Jail;
 use husk_vmm::signals::TerminationSignals;
 use husk_vmm::{ExitCode, Vm, VmConfig};
 use husk_vmm_config::{FsSpec, VmmConfig};
@@ -29,10 +30,10 @@ fn console_writer(spec: &str) -> anyhow::Result<(Box<dyn Write + Send>, bool)> {
     Ok((Box::new(LineWriter::new(file)), true))
 }
 
-/// Raises the soft limit on open files to the hard limit, as virtiofsd does: the virtio-fs
-/// device holds one `O_PATH` fd per inode the guest has looked up, and the usual soft limit of
-/// 1024 ran out after ~730 small files (measured by `make bench-fs`). The hard limit still
-/// bounds what a guest can make the monitor hold; past it requests fail with EMFILE.
+/// Raises the soft limit on open files to the hard limit, as virtiofsd does, when running
+/// without the jail (which sets its own bound, [`husk_vmm::jail::MAX_OPEN_FILES`]): the
+/// virtio-fs device holds one `O_PATH` fd per inode the guest has looked up, and the usual soft
+/// limit of 1024 ran out after ~730 small files (measured by `make bench-fs`).
 fn raise_open_file_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -84,9 +85,26 @@ fn shared_dirs(specs: &[FsSpec]) -> Result<Vec<FsConfig>, clap::Error> {
 }
 
 fn run(args: VmmConfig, filesystems: Vec<FsConfig>) -> anyhow::Result<ExitCode> {
-    if !filesystems.is_empty() {
+    if args.no_jail && !filesystems.is_empty() {
         raise_open_file_limit();
     }
+    let jail = (!args.no_jail).then(|| Jail {
+        socket_dir: args
+            .vsock_uds
+            .as_ref()
+            .and_then(|uds| uds.parent())
+            .map(|dir| match dir.as_os_str().is_empty() {
+                true => std::path::PathBuf::from("."),
+                false => dir.to_path_buf(),
+            }),
+        shares: !filesystems.is_empty(),
+    });
+    let kernel_dir = args
+        .kernel
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
     // Block SIGTERM/SIGINT before any thread exists so that every thread inherits the mask and
     // the signals arrive only on the signalfd.
     let signals = TerminationSignals::block()?;
@@ -121,6 +139,17 @@ fn run(args: VmmConfig, filesystems: Vec<FsConfig>) -> anyhow::Result<ExitCode> 
         }
     };
     vm.set_termination_signals(signals);
+    if let Some(mut jail) = jail {
+        // Absolute and without symlinks, as the jail rebuilds them (both exist by now).
+        let kernel_dir = std::fs::canonicalize(&kernel_dir).unwrap_or(kernel_dir);
+        jail.socket_dir = jail
+            .socket_dir
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d));
+        if let Err(e) = jail.enter(&kernel_dir) {
+            eprintln!("husk-vmm: {e}");
+            return Ok(ExitCode::InternalError);
+        }
+    }
     match vm.run() {
         Ok(outcome) => {
             let code = outcome.exit_code();

@@ -1,8 +1,10 @@
-//! With a virtio-fs share, husk-vmm raises its soft open-file limit to the hard limit (one
-//! `O_PATH` fd per inode the guest looked up; 1024 ran out after ~730 small files in
-//! `make bench-fs`); without one, the limit is left as inherited. Runs the binary on a payload
-//! that halts forever, reads /proc/PID/limits, stops it with SIGTERM. Needs /dev/kvm (any
-//! backend, PVM included: --allow-emulated-kvm).
+//! In its jail husk-vmm's open-file limit (soft and hard) is the jail's bound, 65536, or the
+//! inherited hard limit if lower (virtio-fs holds one `O_PATH` fd per inode the guest looked up;
+//! 1024 ran out after ~730 small files in `make bench-fs`). Without the jail (`--no-jail`), a
+//! virtio-fs share raises the soft limit to the hard limit, and without one the limit is left as
+//! inherited. Runs the binary on a payload that halts forever, reads /proc/PID/limits, stops it
+//! with SIGTERM. Needs /dev/kvm (any backend, PVM included: --allow-emulated-kvm) and root (the
+//! jail).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a test failure
 
 mod common;
@@ -79,9 +81,27 @@ fn soft_open_files_limit(extra: &[&str]) -> (u64, u64) {
     (nums[0], nums[1])
 }
 
+fn inherited_hard_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid, owned `lim`.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_max
+}
+
 #[test]
-fn a_virtio_fs_share_raises_the_soft_limit_to_the_hard_limit() {
-    let (soft, hard) = soft_open_files_limit(&["--fs", "SHARE,tag=t"]);
+fn in_the_jail_the_limit_is_the_jails_bound_with_or_without_a_share() {
+    let bound = inherited_hard_limit().min(65_536);
+    for extra in [&["--fs", "SHARE,tag=t"][..], &[]] {
+        assert_eq!(soft_open_files_limit(extra), (bound, bound), "{extra:?}");
+    }
+}
+
+#[test]
+fn without_the_jail_a_virtio_fs_share_raises_the_soft_limit_to_the_hard_limit() {
+    let (soft, hard) = soft_open_files_limit(&["--fs", "SHARE,tag=t", "--no-jail"]);
     assert!(
         hard > SOFT,
         "hard limit {hard} too low to observe the raise"
@@ -90,7 +110,7 @@ fn a_virtio_fs_share_raises_the_soft_limit_to_the_hard_limit() {
 }
 
 #[test]
-fn without_a_share_the_inherited_limit_is_kept() {
-    let (soft, hard) = soft_open_files_limit(&[]);
+fn without_the_jail_or_a_share_the_inherited_limit_is_kept() {
+    let (soft, hard) = soft_open_files_limit(&["--no-jail"]);
     assert_eq!(soft, SOFT.min(hard));
 }

@@ -169,6 +169,56 @@ impl Drop for TempDir {
     }
 }
 
+/// husk-vmm's capabilities in its jail with a virtio-fs share (CHOWN, DAC_OVERRIDE,
+/// DAC_READ_SEARCH, FOWNER, SETGID, SETUID), as `/proc/<pid>/status` prints them.
+pub const VMM_FS_CAPABILITIES: &str = "00000000000000cf";
+
+/// What is wrong with the jail of the running husk-vmm `pid` (empty when nothing is): it must
+/// have no_new_privs, only [`VMM_FS_CAPABILITIES`] (nothing in the bounding, inheritable and
+/// ambient sets), mount, IPC and UTS namespaces of its own, `/` as working directory, and a root
+/// holding no host `/etc`, `/dev`, `/proc` or `/usr`.
+pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
+    let mut problems = Vec::new();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut expect = |name: &str, want: &str| {
+        let got = field(name);
+        if got != want {
+            problems.push(format!("{name} is {got:?}, not {want:?}"));
+        }
+    };
+    expect("NoNewPrivs", "1");
+    for set in ["CapInh", "CapBnd", "CapAmb"] {
+        expect(set, "0000000000000000");
+    }
+    for set in ["CapEff", "CapPrm"] {
+        expect(set, VMM_FS_CAPABILITIES);
+    }
+    for ns in ["mnt", "ipc", "uts"] {
+        let theirs = fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+        if theirs.is_none() || theirs == fs::read_link(format!("/proc/self/ns/{ns}")).ok() {
+            problems.push(format!("no {ns} namespace of its own ({theirs:?})"));
+        }
+    }
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    if cwd.as_deref() != Some(Path::new("/")) {
+        problems.push(format!("working directory {cwd:?}, not /"));
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    for host_dir in ["etc", "dev", "proc", "usr"] {
+        if root.join(host_dir).exists() {
+            problems.push(format!("its root holds the host's /{host_dir}"));
+        }
+    }
+    problems
+}
+
 /// A process on this machine, as `/proc/<pid>` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {

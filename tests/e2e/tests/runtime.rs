@@ -410,6 +410,15 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     let cgroup_of = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of pid");
     assert_eq!(cgroup_of.trim(), format!("0::{cgroup}"));
 
+    // husk-vmm runs in its jail.
+    let vmms: Vec<_> = husk_e2e::processes_naming(&[husk.dir.path()])
+        .into_iter()
+        .filter(|p| p.program == "husk-vmm")
+        .collect();
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let problems = husk_e2e::vmm_jail_problems(vmms[0].pid);
+    assert!(problems.is_empty(), "husk-vmm's jail: {problems:?}");
+
     // exec: output, stdin, exit status.
     let out = husk.run(&[
         "exec",

@@ -315,6 +315,8 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
 
     // The VM's size: 2 vCPUs and the pod's 384 MiB plus the default 64 MiB overhead.
     let vmm = containerd.processes("husk-vmm");
+    let problems = husk_e2e::vmm_jail_problems(vmm[0]);
+    assert!(problems.is_empty(), "husk-vmm's jail: {problems:?}");
     let cmdline = fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap_or_default();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
