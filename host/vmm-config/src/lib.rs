@@ -35,7 +35,8 @@ Exit status:
   3  the guest kernel panicked (\"Kernel panic - not syncing\" seen on the console)
   4  /dev/kvm cannot run a standard guest (missing, PVM backend, no VMX/SVM)
   5  the kernel, initrd, a disk image or a shared directory is missing or invalid
-  6  a vCPU failed (KVM internal error, emulation failure, failed VM entry)";
+  6  a vCPU failed (KVM internal error, emulation failure, failed VM entry)
+  7  a thread made a system call its seccomp filter forbids (the log names it)";
 
 /// husk's virtual machine monitor: boots an x86_64 Linux kernel (ELF vmlinux, PVH entry)
 /// directly on KVM with a serial console and virtio-mmio devices.
@@ -102,6 +103,10 @@ pub struct VmmConfig {
     /// no_new_privs, bounded limits): for debugging only. The jail needs root.
     #[arg(long)]
     pub no_jail: bool,
+    /// Let system calls the seccomp filters forbid through, logged by the kernel (audit type
+    /// 1326), instead of stopping the VM: for debugging only.
+    #[arg(long)]
+    pub seccomp_log: bool,
 }
 
 /// `--name=value`: the `=` form keeps a value that starts with '-' (or is empty) a value.
@@ -129,6 +134,7 @@ impl VmmConfig {
             no_rng: false,
             allow_emulated_kvm: false,
             no_jail: false,
+            seccomp_log: false,
         }
     }
 
@@ -165,6 +171,9 @@ impl VmmConfig {
         }
         if self.no_jail {
             args.push(OsString::from("--no-jail"));
+        }
+        if self.seccomp_log {
+            args.push(OsString::from("--seccomp-log"));
         }
         args
     }

@@ -39,6 +39,7 @@ fn everything_set() -> VmmConfig {
         no_rng: true,
         allow_emulated_kvm: true,
         no_jail: true,
+        seccomp_log: true,
     }
 }
 
@@ -109,6 +110,7 @@ fn args_are_explicit_and_in_a_fixed_order() {
             "--no-rng",
             "--allow-emulated-kvm",
             "--no-jail",
+            "--seccomp-log",
         ]
     );
     assert_eq!(args[2], "--cmdline=quiet husk.log=debug init=/init -- a=b");

@@ -23,6 +23,8 @@ pub enum ExitCode {
     BadImage = 5,
     /// A vCPU failed (KVM internal error, emulation failure, failed VM entry).
     VcpuFailure = 6,
+    /// A thread made a system call its seccomp filter forbids.
+    Seccomp = 7,
 }
 
 /// The reason a VM stopped.

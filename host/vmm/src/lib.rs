@@ -18,6 +18,7 @@ pub mod host_check;
 pub mod jail;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod vmm;

@@ -139,6 +139,11 @@ fn run(args: VmmConfig, filesystems: Vec<FsConfig>) -> anyhow::Result<ExitCode> 
         }
     };
     vm.set_termination_signals(signals);
+    vm.set_seccomp(if args.seccomp_log {
+        husk_vmm::seccomp::Mode::Log
+    } else {
+        husk_vmm::seccomp::Mode::Trap
+    });
     if let Some(mut jail) = jail {
         // Absolute and without symlinks, as the jail rebuilds them (both exist by now).
         let kernel_dir = std::fs::canonicalize(&kernel_dir).unwrap_or(kernel_dir);

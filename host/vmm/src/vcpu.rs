@@ -23,6 +23,8 @@ pub struct Vcpu {
     pub exit: ExitHandle,
     /// Set when the VM is stopping; checked after every exit from KVM_RUN.
     pub stop: Arc<AtomicBool>,
+    /// The seccomp filter to apply before the first KVM_RUN, if any.
+    pub seccomp: Option<crate::seccomp::Mode>,
 }
 
 impl Vcpu {
@@ -41,7 +43,14 @@ impl Vcpu {
             mmio,
             exit,
             stop,
+            seccomp,
         } = &mut self;
+        if let Some(mode) = *seccomp {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Vcpu, mode) {
+                exit.request(VmExit::VcpuError(format!("vcpu{index}: {e}")));
+                return;
+            }
+        }
         while !stop.load(Ordering::SeqCst) {
             let outcome = match fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {

@@ -26,6 +26,7 @@ use crate::exit::{ExitCode, ExitHandle, VmExit};
 use crate::host_check::{check_host_kvm, HostCheckError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{self, GuestMem, MemoryError};
+use crate::seccomp::{self, SeccompError};
 use crate::signals::{install_vcpu_kick_handler, vcpu_kick_signal, TerminationSignals};
 use crate::vcpu::Vcpu;
 
@@ -63,6 +64,9 @@ pub enum VmError {
     /// The host cannot run a standard guest.
     #[error(transparent)]
     HostCheck(#[from] HostCheckError),
+    /// A seccomp filter could not be set up.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A KVM ioctl failed.
     #[error("{what} failed: {err}")]
     Kvm {
@@ -170,6 +174,7 @@ pub struct Vm {
     exit: ExitHandle,
     panicked: Arc<AtomicBool>,
     signals: Option<TerminationSignals>,
+    seccomp: Option<seccomp::Mode>,
 }
 
 const REQUIRED_CAPS: [(Cap, &str); 4] = [
@@ -291,6 +296,7 @@ impl Vm {
             exit,
             panicked,
             signals: None,
+            seccomp: None,
         })
     }
 
@@ -304,9 +310,20 @@ impl Vm {
         self.signals = Some(signals);
     }
 
+    /// Has [`Vm::run`] put every vCPU thread under its seccomp filter before its first
+    /// `KVM_RUN`, and the calling thread under the event loop's once the vCPUs are started. The
+    /// calling thread keeps its filter after `run` returns: for a process that only exits
+    /// afterwards (husk-vmm).
+    pub fn set_seccomp(&mut self, mode: seccomp::Mode) {
+        self.seccomp = Some(mode);
+    }
+
     /// Runs the VM until it stops; every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<RunOutcome, VmError> {
         install_vcpu_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
+        if self.seccomp.is_some() {
+            seccomp::install_trap_handler()?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut spawn_error = None;
@@ -321,6 +338,7 @@ impl Vm {
                     .try_clone()
                     .map_err(io_err("cannot clone the exit eventfd"))?,
                 stop: stop.clone(),
+                seccomp: self.seccomp,
             };
             match vcpu.spawn() {
                 Ok(t) => threads.push(t),
@@ -330,12 +348,16 @@ impl Vm {
                 }
             }
         }
-        let loop_result = match spawn_error {
-            Some(e) => Err(VmError::Io {
+        let loop_result = match (spawn_error, self.seccomp) {
+            (Some(e), _) => Err(VmError::Io {
                 what: "cannot start a vCPU thread",
                 err: e,
             }),
-            None => self.event_loop(),
+            (None, Some(mode)) => match seccomp::apply(seccomp::Role::Main, mode) {
+                Ok(()) => self.event_loop(),
+                Err(e) => Err(e.into()),
+            },
+            (None, None) => self.event_loop(),
         };
         stop_vcpus(&stop, threads);
         loop_result?;

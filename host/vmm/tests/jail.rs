@@ -1,6 +1,7 @@
 //! husk-vmm's jail, seen from the host as `/proc/<pid>` shows it: a running husk-vmm (a payload
 //! that halts forever, with a vsock device and, in one test, a virtio-fs share) has
-//! no_new_privs, no capability but virtio-fs's, its own mount, IPC and UTS namespaces, a root
+//! no_new_privs, a seccomp filter on every thread, no capability but virtio-fs's, its own mount,
+//! IPC and UTS namespaces, a root
 //! holding only its socket's directory, `/` as working directory; it still removes its socket on
 //! exit, and the host's mount table is untouched. Needs root and /dev/kvm (any backend, PVM
 //! included: --allow-emulated-kvm).
@@ -96,6 +97,27 @@ fn link(path: &str) -> std::path::PathBuf {
 
 fn assert_jailed(vm: &Running, caps: &str) {
     let pid = vm.pid();
+    // Every thread (main and vCPU) under its seccomp filter.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let unfiltered = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| {
+                let tid = t.unwrap().file_name().to_string_lossy().into_owned();
+                let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                    .unwrap_or_default();
+                (!status.lines().any(|l| l == "Seccomp:\t2")).then_some(tid)
+            })
+            .collect()
+    };
+    while !unfiltered().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "threads without seccomp: {:?}",
+            unfiltered()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
     for set in ["CapInh", "CapBnd", "CapAmb"] {
         assert_eq!(status_field(pid, set).as_deref(), Some(NO_CAPS), "{set}");
@@ -159,10 +181,20 @@ fn a_vm_with_a_share_keeps_only_virtio_fs_capabilities() {
     );
 }
 
+/// Kills the child on drop, so a failed assertion leaves no husk-vmm behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
-fn no_jail_runs_unconfined_for_debugging() {
+fn no_jail_keeps_the_host_namespaces_and_capabilities_and_still_filters_system_calls() {
     let payload = write_payload("nojail", &[0xf4, 0xeb, 0xfd]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
         .arg("--kernel")
         .arg(&payload.kernel)
         .arg("--console=-")
@@ -171,15 +203,27 @@ fn no_jail_runs_unconfined_for_debugging() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "husk-vmm exited early");
-    let pid = child.id();
-    assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("0"));
+    let mut child = KillOnDrop(child);
+    let pid = child.0.id();
+    // The event loop's filter is the last thing set up: wait for it on the main thread.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_field(pid, "Seccomp").as_deref() != Some("2") {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "husk-vmm exited early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "husk-vmm never applied its seccomp filter"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ne!(status_field(pid, "CapBnd").as_deref(), Some(NO_CAPS));
     assert_eq!(
         link(&format!("/proc/{pid}/ns/mnt")),
         link("/proc/self/ns/mnt")
     );
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
