@@ -242,7 +242,7 @@ impl Locked {
 
     /// The container's vsock socket.
     pub fn vsock(&self) -> std::path::PathBuf {
-        self.lock.dir().join(husk_sandbox::paths::VSOCK_FILE)
+        husk_sandbox::paths::vsock_path(self.lock.dir())
     }
 
     /// Connects to the container's agent.

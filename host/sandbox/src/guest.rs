@@ -3,7 +3,7 @@
 //!
 //! The real implementation is the typed ttrpc client of `guest-agent/protocol`
 //! ([`AgentClient`], which negotiates the API version), reached through husk-vmm's hybrid vsock
-//! socket `<root>/<id>/vsock.sock` ([`crate::vsock`]): [`connect`].
+//! socket `<root>/<id>/vm/vsock` ([`crate::vsock`]): [`connect`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

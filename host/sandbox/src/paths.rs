@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <root>/<id>/vm/              the one host directory husk-vmm's jail keeps (writable)
-//! <root>/<id>/vm/vsock.sock    husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
+//! <root>/<id>/vm/vsock         husk-vmm's hybrid vsock socket (agent: CONNECT 1024)
 //! <root>/<id>/shared/          the virtio-fs share as the guest sees it (see `share`), tag
 //!                              [`SHARE_TAG`]: a read-only view of staging/
 //! <root>/<id>/staging/         the host's side of the share: mount points and binds
@@ -28,7 +28,12 @@ pub const AGENT_PORT: u32 = 1024;
 /// keeps, so nothing else of the sandbox's files is within its reach.
 pub const VMM_DIR: &str = "vm";
 /// The hybrid vsock socket's name in [`VMM_DIR`].
-pub const VSOCK_FILE: &str = "vsock.sock";
+pub const VSOCK_FILE: &str = "vsock";
+
+/// The vsock socket of the sandbox whose directory is `dir` (`<dir>/vm/vsock`).
+pub fn vsock_path(dir: &Path) -> PathBuf {
+    dir.join(VMM_DIR).join(VSOCK_FILE)
+}
 /// The virtio-fs tag of the sandbox's share; the agent mounts it at `share::GUEST_SHARE_DIR`.
 pub const SHARE_TAG: &str = "husk-shared";
 /// The longest Unix socket path (`sun_path` is 108 bytes with its terminating NUL).
@@ -65,7 +70,7 @@ pub enum PathError {
 pub struct SandboxPaths {
     /// `<root>/<id>`.
     pub dir: PathBuf,
-    /// `<root>/<id>/vm/vsock.sock` (its directory: husk-vmm's jail keeps it).
+    /// `<root>/<id>/vm/vsock` (its directory: husk-vmm's jail keeps it).
     pub vsock: PathBuf,
     /// `<root>/<id>/shared`: what husk-vmm exports (see `share`).
     pub shared: PathBuf,
@@ -86,7 +91,7 @@ impl SandboxPaths {
     /// root).
     pub fn new(root: &Path, config: &Config, id: &ContainerId) -> Result<Self, PathError> {
         let dir = root.join(id.as_str());
-        let vsock = dir.join(VMM_DIR).join(VSOCK_FILE);
+        let vsock = vsock_path(&dir);
         let len = vsock.as_os_str().len().saturating_add(PORT_SUFFIX);
         if len > MAX_SOCKET_PATH {
             return Err(PathError::SocketPathTooLong {
@@ -174,7 +179,7 @@ mod tests {
     fn paths_of_a_sandbox() {
         let paths = SandboxPaths::new(Path::new("/run/husk"), &config(), &id("c1")).unwrap();
         assert_eq!(paths.dir, Path::new("/run/husk/c1"));
-        assert_eq!(paths.vsock, Path::new("/run/husk/c1/vm/vsock.sock"));
+        assert_eq!(paths.vsock, Path::new("/run/husk/c1/vm/vsock"));
         assert_eq!(paths.shared, Path::new("/run/husk/c1/shared"));
         assert_eq!(paths.console, Path::new("/var/log/husk/c1.log"));
     }
@@ -220,7 +225,7 @@ mod tests {
         assert_eq!(vmm.console_max_bytes, 16 << 20);
         assert_eq!(
             vmm.vsock_uds.as_deref(),
-            Some(Path::new("/run/husk/c1/vm/vsock.sock"))
+            Some(Path::new("/run/husk/c1/vm/vsock"))
         );
         assert_eq!(vmm.guest_cid, Some(GUEST_CID));
         assert_eq!(vmm.fs.len(), 1);

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <root>/<id>/                  the sandbox directory (SandboxPaths)
-//!   vm/vsock.sock               husk-vmm's hybrid vsock socket (agent: CONNECT 1024); vm/ is
+//!   vm/vsock                    husk-vmm's hybrid vsock socket (agent: CONNECT 1024); vm/ is
 //!                               the one host directory husk-vmm's jail keeps
 //!   shared/                     the virtio-fs share (crate::share), tag husk-shared
 //!   shared/<container>/...      each container's rootfs and mounts, bound in

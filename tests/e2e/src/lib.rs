@@ -175,7 +175,7 @@ pub const VMM_FS_CAPABILITIES: &str = "00000000000000cf";
 
 /// What is wrong with the jail of the running husk-vmm `pid` (empty when nothing is): it must
 /// have no_new_privs, only [`VMM_FS_CAPABILITIES`] (nothing in the bounding, inheritable and
-/// ambient sets), mount, IPC and UTS namespaces of its own, `/` as working directory, and a root
+/// ambient sets), mount, IPC and UTS namespaces of its own, its root as working directory, and a root
 /// holding no host `/etc`, `/dev`, `/proc` or `/usr`.
 pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
     let mut problems = Vec::new();
@@ -206,9 +206,15 @@ pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
             problems.push(format!("no {ns} namespace of its own ({theirs:?})"));
         }
     }
-    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
-    if cwd.as_deref() != Some(Path::new("/")) {
-        problems.push(format!("working directory {cwd:?}, not /"));
+    // Its working directory is its root (compared by device and inode: how the kernel names a
+    // directory outside the reader's root depends on where the reader is).
+    let id = |p: String| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let (cwd, root_id) = (id(format!("/proc/{pid}/cwd")), id(format!("/proc/{pid}/root")));
+    if cwd.is_none() || cwd != root_id {
+        problems.push(format!("working directory {cwd:?} is not its root {root_id:?}"));
     }
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     for host_dir in ["etc", "dev", "proc", "usr"] {

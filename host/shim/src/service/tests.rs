@@ -236,7 +236,7 @@ async fn the_vm_gets_the_configured_size_and_the_share() {
     assert_eq!(spec.config.fs[0].path, f.sandbox_dir("c1").join("shared"));
     assert_eq!(
         spec.config.vsock_uds.as_deref(),
-        Some(f.sandbox_dir("c1").join("vm").join("vsock.sock").as_path())
+        Some(f.sandbox_dir("c1").join("vm").join("vsock").as_path())
     );
 }
 
