@@ -212,9 +212,14 @@ pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
     };
-    let (cwd, root_id) = (id(format!("/proc/{pid}/cwd")), id(format!("/proc/{pid}/root")));
+    let (cwd, root_id) = (
+        id(format!("/proc/{pid}/cwd")),
+        id(format!("/proc/{pid}/root")),
+    );
     if cwd.is_none() || cwd != root_id {
-        problems.push(format!("working directory {cwd:?} is not its root {root_id:?}"));
+        problems.push(format!(
+            "working directory {cwd:?} is not its root {root_id:?}"
+        ));
     }
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     for host_dir in ["etc", "dev", "proc", "usr"] {
