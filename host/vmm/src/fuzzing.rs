@@ -173,10 +173,7 @@ pub fn fuzz_block(data: &[u8]) {
 /// virtio-fs over a fresh temporary share (a file, a directory, symlinks to a decoy directory
 /// next to it), both removed afterwards: queues and FUSE messages from the input, the request
 /// queue processed before the hiprio queue, twice. Panics if the decoy outside the share
-/// changed: the guest escaped. Between each request's fetch and its decoding a second "vCPU"
-/// rewrites a few bytes of the descriptor tables and buffers (chosen from a hash of the input),
-/// so the fuzzer also drives the one-fetch path. Seed inputs carrying real FUSE requests:
-/// `fuzz/seeds/fs`.
+/// changed: the guest escaped. Seed inputs carrying real FUSE requests: `fuzz/seeds/fs`.
 pub fn fuzz_fs(data: &[u8]) {
     let _ = fuzz_fs_with_memory(data);
 }
@@ -202,7 +199,6 @@ fn fuzz_fs_with_memory(data: &[u8]) -> Option<GuestMem> {
             tag: "fuzz".into(),
         };
         if let Ok(mut dev) = VirtioFs::new(&config) {
-            dev.set_between_fetches(second_vcpu(data));
             mem = activate_and_kick(&mut dev, data);
         }
         let entries = std::fs::read_dir(&outside).map(|d| d.count()).unwrap_or(0);
@@ -215,28 +211,6 @@ fn fuzz_fs_with_memory(data: &[u8]) -> Option<GuestMem> {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&outside);
     mem
-}
-
-/// Rewrites 4 bytes of guest memory per call, in the descriptor tables (not the rings' indexes)
-/// and the buffer area, at places and with values drawn from a generator seeded by `data`.
-fn second_vcpu(data: &[u8]) -> crate::devices::virtio::fs::BetweenFetches {
-    let mut x = data.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    }) | 1;
-    Box::new(move |mem: &GuestMem| {
-        for _ in 0..4 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let table = (x >> 8) % (2 * RING_STRIDE);
-            let addr = if x & 1 == 0 && table % RING_STRIDE < AVAIL_OFFSET {
-                table
-            } else {
-                BUF_BASE + (x >> 8) % BUF_SIZE
-            };
-            let _ = mem.write_obj((x >> 56) as u8, GuestAddress(addr));
-        }
-    })
 }
 
 /// The virtio-mmio transport with virtio-rng behind it. Byte 0 bit 0: run the driver's normal

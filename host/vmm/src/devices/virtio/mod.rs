@@ -115,9 +115,6 @@ pub enum DeviceError {
     /// A host-side I/O error the device cannot recover from.
     #[error("device I/O error: {0}")]
     Io(std::io::Error),
-    /// virtio-fs could not set up the private copy of requests.
-    #[error("virtio-fs: {0}")]
-    Shadow(fs::shadow::ShadowError),
 }
 
 /// A virtio device behind a transport.

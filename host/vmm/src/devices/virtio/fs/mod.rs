@@ -1,13 +1,10 @@
 //! virtio-fs: shares a host directory with the guest (`mount -t virtiofs TAG /mnt`).
 //!
 //! FUSE requests arrive on a high-priority queue (FORGET, INTERRUPT) and one request queue; both
-//! are served the same way, on the event loop: the chain is copied out of guest memory once and
-//! validated (bounds, direction, size), the request's header and arguments are copied once, its
-//! opcode checked against the ones husk serves and its set-user-ID and set-group-ID mode bits
-//! removed; then fuse-backend-rs's virtio-fs [`Server`] decodes the request from a chain rebuilt
-//! from that copy ([`shadow`]) and runs it on its [`Vfs`] (which negotiates the FUSE options and
-//! refuses `.`, `..` and `/` in names that create or remove entries), whose only file system is a
-//! [`PassthroughFs`] of the shared directory at `/`.
+//! are served the same way, on the event loop: the chain is validated (bounds, direction, size),
+//! then fuse-backend-rs's virtio-fs [`Server`] decodes the request and runs it on its [`Vfs`]
+//! (which negotiates the FUSE options and refuses `.`, `..` and `/` in names that create or
+//! remove entries), whose only file system is a [`PassthroughFs`] of the shared directory at `/`.
 //!
 //! Confinement to the shared directory rests on PassthroughFs's design and on its configuration
 //! here: every inode is an `O_PATH | O_NOFOLLOW` fd opened relative to its parent's fd (symlinks
@@ -15,36 +12,25 @@
 //! only regular files and directories are ever opened (no device nodes, FIFOs or sockets);
 //! file handles (`open_by_handle_at`), extended attributes, writeback caching and DAX are off;
 //! the thread serving requests has no CAP_MKNOD, so the guest cannot create device nodes that
-//! host users could open, and no file it creates or changes gets a set-user-ID or set-group-ID
-//! bit, so the guest cannot plant a privileged program for host users to run.
-//!
-//! Requests husk does not serve are answered ENOSYS before the server sees them: ioctl (whose
-//! argument sizes the server would allocate as asked), poll, notify replies, bmap, DAX mappings,
-//! extended attributes, POSIX locks (the guest kernel then locks locally), and every opcode the
-//! server does not know.
+//! host users could open.
 
-pub mod shadow;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::{
-    CreateIn, FsOptions, InHeader, MkdirIn, MknodIn, Opcode, OutHeader, SetattrIn, SetattrValid,
-};
+use fuse_backend_rs::abi::fuse_abi::FsOptions;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use husk_vmm_config::FsSpec;
 pub use husk_vmm_config::{validate_tag, TagError, TAG_MAX_LEN};
-use virtio_queue::Queue;
-use vm_memory::ByteValued;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use self::shadow::{CopyError, Shadow, HEAD_COPY_LEN};
 use super::{
-    drain_queue, ActivateContext, BufError, Desc, DescBuf, DeviceError, Interrupt, VirtioDevice,
+    collect_chain, ActivateContext, ChainError, DescBuf, DeviceError, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
@@ -154,15 +140,9 @@ pub enum FsError {
 /// Why one request failed (the chain is returned with nothing written).
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
-    /// The request could not be copied out of guest memory.
-    #[error("cannot copy the request: {0}")]
-    Read(BufError),
-    /// The request could not be rebuilt from its copy.
+    /// The chain failed validation.
     #[error(transparent)]
-    Copy(#[from] CopyError),
-    /// The refusal could not be written.
-    #[error("cannot write the reply: {0}")]
-    Reply(BufError),
+    Chain(#[from] ChainError),
     /// The readable part cannot hold a FUSE header.
     #[error("request of {0} readable bytes is shorter than the FUSE header")]
     ShortHeader(u64),
@@ -181,13 +161,9 @@ type Fs = PassthroughFs<()>;
 
 struct Active {
     mem: GuestMem,
-    shadow: Shadow,
     queues: Vec<Queue>,
     interrupt: Arc<Interrupt>,
 }
-
-/// Runs between a request's one fetch and its decoding (see [`VirtioFs::set_between_fetches`]).
-pub type BetweenFetches = Box<dyn FnMut(&GuestMem) + Send>;
 
 /// The virtio-fs device.
 pub struct VirtioFs {
@@ -195,96 +171,6 @@ pub struct VirtioFs {
     vfs: Arc<Vfs>,
     server: Server<Arc<Vfs>>,
     active: Option<Active>,
-    between_fetches: Option<BetweenFetches>,
-}
-
-/// Mode bits the guest may not set on files in the share: set-user-ID and set-group-ID.
-const PRIVILEGE_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
-
-/// Whether husk serves `opcode` (see the module documentation for what is refused and why).
-fn served(opcode: u32) -> bool {
-    const SERVED: [Opcode; 33] = [
-        Opcode::Lookup,
-        Opcode::Forget,
-        Opcode::Getattr,
-        Opcode::Setattr,
-        Opcode::Readlink,
-        Opcode::Symlink,
-        Opcode::Mknod,
-        Opcode::Mkdir,
-        Opcode::Unlink,
-        Opcode::Rmdir,
-        Opcode::Rename,
-        Opcode::Link,
-        Opcode::Open,
-        Opcode::Read,
-        Opcode::Write,
-        Opcode::Statfs,
-        Opcode::Release,
-        Opcode::Fsync,
-        Opcode::Flush,
-        Opcode::Init,
-        Opcode::Opendir,
-        Opcode::Readdir,
-        Opcode::Releasedir,
-        Opcode::Fsyncdir,
-        Opcode::Access,
-        Opcode::Create,
-        Opcode::Interrupt,
-        Opcode::Destroy,
-        Opcode::BatchForget,
-        Opcode::Fallocate,
-        Opcode::Readdirplus,
-        Opcode::Rename2,
-        Opcode::Lseek,
-    ];
-    SERVED.iter().any(|op| *op as u32 == opcode)
-}
-
-/// The `T` at `at` in `bytes`, if they hold one there.
-fn read_obj<T: ByteValued + Default>(bytes: &[u8], at: usize) -> Option<T> {
-    let slot = bytes.get(at..at.checked_add(std::mem::size_of::<T>())?)?;
-    let mut value = T::default();
-    value.as_mut_slice().copy_from_slice(slot);
-    Some(value)
-}
-
-/// Reads a `T` at `at` in `bytes`, lets `f` change it and writes it back; nothing happens if
-/// `bytes` is too short (the server then refuses the request as malformed).
-fn rewrite<T: ByteValued + Default>(bytes: &mut [u8], at: usize, f: impl FnOnce(&mut T)) {
-    let Some(mut value) = read_obj::<T>(bytes, at) else {
-        return;
-    };
-    f(&mut value);
-    if let Some(slot) = bytes.get_mut(at..at + std::mem::size_of::<T>()) {
-        slot.copy_from_slice(value.as_slice());
-    }
-}
-
-/// Removes the set-user-ID and set-group-ID bits from the mode of a request that creates a file
-/// or changes a mode, in the copied request `head` (header first). (A directory still inherits
-/// set-group-ID from its parent, as the host kernel decides.) A change of owner needs nothing
-/// here: the host kernel clears both bits of a non-directory on chown, even for a privileged
-/// caller.
-fn strip_privilege_bits(opcode: u32, head: &mut [u8]) {
-    let args = std::mem::size_of::<InHeader>();
-    match opcode {
-        op if op == Opcode::Create as u32 => {
-            rewrite(head, args, |a: &mut CreateIn| a.mode &= !PRIVILEGE_BITS)
-        }
-        op if op == Opcode::Mknod as u32 => {
-            rewrite(head, args, |a: &mut MknodIn| a.mode &= !PRIVILEGE_BITS)
-        }
-        op if op == Opcode::Mkdir as u32 => {
-            rewrite(head, args, |a: &mut MkdirIn| a.mode &= !PRIVILEGE_BITS)
-        }
-        op if op == Opcode::Setattr as u32 => rewrite(head, args, |a: &mut SetattrIn| {
-            if SetattrValid::from_bits_truncate(a.valid).contains(SetattrValid::MODE) {
-                a.mode &= !PRIVILEGE_BITS;
-            }
-        }),
-        _ => {}
-    }
 }
 
 /// The passthrough configuration: confinement first (no file handles, no xattrs, no DAX, no
@@ -379,7 +265,6 @@ impl VirtioFs {
             server: Server::new(vfs.clone()),
             vfs,
             active: None,
-            between_fetches: None,
         })
     }
 
@@ -394,62 +279,26 @@ impl VirtioFs {
         config
     }
 
-    /// Sets a function run after each request is fetched from guest memory and before the FUSE
-    /// server decodes it: tests and the fuzzer use it to play a second vCPU rewriting the
-    /// request (descriptors, header, arguments) under the device. Nothing it writes may change
-    /// what is served.
-    pub fn set_between_fetches(&mut self, f: BetweenFetches) {
-        self.between_fetches = Some(f);
-    }
-
-    /// Serves one request whose validated chain is `descs`; returns the bytes written into it.
+    /// Serves one request; returns the number of bytes written into the chain.
     fn serve(
         server: &Server<Arc<Vfs>>,
         mem: &GuestMem,
-        shadow: &mut Shadow,
-        descs: &[Desc],
-        between_fetches: Option<&mut BetweenFetches>,
+        chain: DescriptorChain<&GuestMem>,
     ) -> Result<u32, RequestError> {
-        let readable = DescBuf::readable(descs);
-        if readable.len() < FUSE_IN_HEADER_LEN {
-            return Err(RequestError::ShortHeader(readable.len()));
+        let descs = collect_chain(chain.clone(), MAX_CHAIN_BYTES, MAX_CHAIN_DESCS)?;
+        let readable = DescBuf::readable(&descs).len();
+        if readable < FUSE_IN_HEADER_LEN {
+            return Err(RequestError::ShortHeader(readable));
         }
-        let writable = DescBuf::writable(descs);
-        if !writable.is_empty() && writable.len() < FUSE_OUT_HEADER_LEN {
-            return Err(RequestError::ShortReply(writable.len()));
+        let writable = DescBuf::writable(&descs).len();
+        if writable != 0 && writable < FUSE_OUT_HEADER_LEN {
+            return Err(RequestError::ShortReply(writable));
         }
-        // readable.len() <= MAX_CHAIN_BYTES, so the minimum fits in usize.
-        let head_len = readable.len().min(HEAD_COPY_LEN as u64) as usize;
-        let mut head = vec![0u8; head_len];
-        readable
-            .read_at(mem, 0, &mut head)
-            .map_err(RequestError::Read)?;
-        if let Some(f) = between_fetches {
-            f(mem);
-        }
-        let header: InHeader =
-            read_obj(&head, 0).ok_or(RequestError::ShortHeader(readable.len()))?;
-        if !served(header.opcode) {
-            crate::guest_warn!("virtio-fs: refused FUSE opcode {}", header.opcode);
-            if writable.is_empty() {
-                return Ok(0);
-            }
-            let reply = OutHeader {
-                len: FUSE_OUT_HEADER_LEN as u32,
-                error: -libc::ENOSYS,
-                unique: header.unique,
-            };
-            writable
-                .write_at(mem, 0, reply.as_slice())
-                .map_err(RequestError::Reply)?;
-            return Ok(reply.len);
-        }
-        strip_privilege_bits(header.opcode, &mut head);
-        let chain = shadow.load(descs, &head)?;
-        let mem = chain.memory();
+        // The buffers are mapped again from the chain; every one is bounds-checked against guest
+        // memory again there, so a guest rewriting its descriptors meanwhile only confuses itself.
         let reader =
             Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::Buffers)?;
-        let writer = VirtioFsWriter::new(mem, chain.clone()).map_err(RequestError::Buffers)?;
+        let writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::Buffers)?;
         let written = server
             .handle_message(reader, writer.into(), None, None)
             .map_err(RequestError::Fuse)?;
@@ -491,10 +340,8 @@ impl VirtioDevice for VirtioFs {
                 got: ctx.queues.len(),
             });
         }
-        let shadow = Shadow::new(&ctx.mem).map_err(DeviceError::Shadow)?;
         self.active = Some(Active {
             mem: ctx.mem,
-            shadow,
             queues: ctx.queues,
             interrupt: ctx.interrupt,
         });
@@ -516,22 +363,28 @@ impl VirtioDevice for VirtioFs {
             .queues
             .get_mut(index)
             .ok_or(DeviceError::NoSuchQueue(index))?;
-        let (server, tag) = (&self.server, &self.tag);
-        let (mem, shadow) = (&active.mem, &mut active.shadow);
-        let mut between_fetches = self.between_fetches.as_mut();
-        drain_queue(
-            "virtio-fs",
-            mem,
-            queue,
-            &active.interrupt,
-            (MAX_CHAIN_BYTES, MAX_CHAIN_DESCS),
-            |descs| match Self::serve(server, mem, shadow, descs, between_fetches.as_deref_mut()) {
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let len = match Self::serve(&self.server, &active.mem, chain) {
                 Ok(len) => len,
                 Err(e) => {
-                    crate::guest_warn!("virtio-fs {tag}: queue {index}: {e}");
+                    crate::guest_warn!("virtio-fs {}: queue {index}: {e}", self.tag);
                     0
                 }
-            },
-        )
+            };
+            queue
+                .add_used(&active.mem, head, len)
+                .map_err(DeviceError::Queue)?;
+            used_any = true;
+        }
+        if used_any
+            && queue
+                .needs_notification(&active.mem)
+                .map_err(DeviceError::Queue)?
+        {
+            active.interrupt.signal_used();
+        }
+        Ok(())
     }
 }

@@ -5,8 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn, OpenIn,
-    OutHeader, SetattrIn,
+    AttrOut, EntryOut, GetattrIn, InHeader, InitIn, InitOut, MknodIn, OpenIn, OutHeader,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -23,10 +22,6 @@ const OP_GETATTR: u32 = 3;
 const OP_MKNOD: u32 = 8;
 const OP_OPEN: u32 = 14;
 const OP_INIT: u32 = 26;
-const OP_SETATTR: u32 = 4;
-const OP_MKDIR: u32 = 9;
-const OP_CREATE: u32 = 35;
-const REQUEST_QUEUE: u64 = 0x1_0000;
 const ROOT: u64 = 1;
 const REQ_ADDR: u64 = 0x4_0000;
 const REPLY_ADDR: u64 = 0x8_0000;
@@ -67,7 +62,7 @@ struct Harness<'a> {
 impl<'a> Harness<'a> {
     fn new(mem: &'a GuestMem, dir: &SharedDir) -> Self {
         let hiprio = MockSplitQueue::create(mem, GuestAddress(0), 16);
-        let request = MockSplitQueue::create(mem, GuestAddress(REQUEST_QUEUE), 16);
+        let request = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
         let config = FsConfig {
             path: dir.0.clone(),
             tag: "test".into(),
@@ -582,158 +577,4 @@ fn config_from_spec_rejects_missing_paths_files_and_bad_tags() {
         )
     );
     assert!(matches!(bad_tag, FsError::BadTag(_)), "{bad_tag}");
-}
-
-fn mode_of(path: &std::path::Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
-#[test]
-fn opcodes_husk_does_not_serve_are_refused_before_the_server() {
-    let dir = SharedDir::new("refused");
-    let mem = test_mem();
-    let mut h = Harness::new(&mem, &dir);
-    h.init();
-    // ioctl with in_size and out_size of 4 GiB - 1: the server would allocate what it asks.
-    let mut ioctl = vec![0u8; 32];
-    ioctl[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-    ioctl[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
-    // 7 and 19 are holes in the opcode space (undefined for the server's opcode enum).
-    for (opcode, body) in [
-        (39, ioctl.clone()),
-        (40, vec![0u8; 24]),
-        (48, vec![0u8; 40]),
-        (21, vec![0u8; 16]),
-        (32, vec![0u8; 48]),
-        (7, vec![]),
-        (19, vec![]),
-        (50, vec![]),
-        (4096, vec![]),
-    ] {
-        let (out, reply) = h.call(opcode, ROOT, &body);
-        assert_eq!(out.error, -libc::ENOSYS, "opcode {opcode}");
-        assert!(reply.is_empty(), "opcode {opcode}");
-    }
-    // The device still serves what it serves.
-    std::fs::write(dir.0.join("hello"), b"x").unwrap();
-    assert_eq!(h.lookup(ROOT, "hello").unwrap().attr.size, 1);
-}
-
-fn create(h: &mut Harness, name: &str, mode: u32) -> i32 {
-    let args = CreateIn {
-        flags: (libc::O_CREAT | libc::O_WRONLY) as u32,
-        mode,
-        umask: 0,
-        fuse_flags: 0,
-    };
-    let mut body = args.as_slice().to_vec();
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    -h.call(OP_CREATE, ROOT, &body).0.error
-}
-
-fn setattr_mode(h: &mut Harness, nodeid: u64, mode: u32) -> i32 {
-    let args = SetattrIn {
-        valid: 1, // FATTR_MODE
-        mode,
-        ..SetattrIn::default()
-    };
-    -h.call(OP_SETATTR, nodeid, args.as_slice()).0.error
-}
-
-#[test]
-fn the_guest_cannot_plant_set_user_or_group_id_files() {
-    let dir = SharedDir::new("suid");
-    let mem = test_mem();
-    let mut h = Harness::new(&mem, &dir);
-    h.init();
-
-    assert_eq!(create(&mut h, "created", libc::S_IFREG | 0o6755), 0);
-    assert_eq!(mode_of(&dir.0.join("created")), 0o755);
-
-    assert_eq!(mknod(&mut h, "made", libc::S_IFREG | 0o6755, 0), 0);
-    assert_eq!(mode_of(&dir.0.join("made")), 0o755);
-
-    let mkdir = MkdirIn {
-        mode: 0o7755,
-        umask: 0,
-    };
-    let mut body = mkdir.as_slice().to_vec();
-    body.extend_from_slice(b"dir\0");
-    assert_eq!(h.call(OP_MKDIR, ROOT, &body).0.error, 0);
-    // The sticky bit stays.
-    assert_eq!(mode_of(&dir.0.join("dir")), 0o1755);
-
-    std::fs::write(dir.0.join("plain"), b"#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(dir.0.join("plain"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let plain = h.lookup(ROOT, "plain").unwrap().nodeid;
-    assert_eq!(setattr_mode(&mut h, plain, libc::S_IFREG | 0o4755), 0);
-    assert_eq!(mode_of(&dir.0.join("plain")), 0o755);
-    assert_eq!(setattr_mode(&mut h, plain, libc::S_IFREG | 0o2711), 0);
-    assert_eq!(mode_of(&dir.0.join("plain")), 0o711);
-    // Other mode changes go through as asked.
-    assert_eq!(setattr_mode(&mut h, plain, libc::S_IFREG | 0o1700), 0);
-    assert_eq!(mode_of(&dir.0.join("plain")), 0o1700);
-}
-
-#[test]
-fn a_change_of_owner_clears_set_id_bits_the_host_had_set() {
-    assert!(
-        caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_CHOWN).unwrap(),
-        "this test needs CAP_CHOWN (run as root) to show the host kernel clears the bits"
-    );
-    let dir = SharedDir::new("chown");
-    let file = dir.0.join("tool");
-    std::fs::write(&file, b"x").unwrap();
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o6755)).unwrap();
-    let mem = test_mem();
-    let mut h = Harness::new(&mem, &dir);
-    h.init();
-    let node = h.lookup(ROOT, "tool").unwrap().nodeid;
-    let args = SetattrIn {
-        valid: 0x2 | 0x4, // FATTR_UID | FATTR_GID
-        uid: 0,
-        gid: 0,
-        ..SetattrIn::default()
-    };
-    assert_eq!(h.call(OP_SETATTR, node, args.as_slice()).0.error, 0);
-    assert_eq!(mode_of(&file), 0o755);
-}
-
-#[test]
-fn rewriting_the_request_after_it_was_fetched_changes_nothing() {
-    let dir = SharedDir::new("refetch");
-    std::fs::write(dir.0.join("hello"), b"hello from the host\n").unwrap();
-    std::fs::write(dir.0.join("other"), b"x").unwrap();
-    let mem = test_mem();
-    let mut h = Harness::new(&mem, &dir);
-    h.init();
-    // The second vCPU: every descriptor of the request queue grows to almost 4 GiB, the
-    // header's opcode becomes ioctl and the name becomes "other".
-    h.dev.set_between_fetches(Box::new(|mem: &GuestMem| {
-        for i in 0..16u64 {
-            mem.write_obj(0xffff_ff00u32, GuestAddress(REQUEST_QUEUE + 16 * i + 8))
-                .unwrap();
-        }
-        mem.write_obj(39u32, GuestAddress(REQ_ADDR + 4)).unwrap();
-        mem.write_slice(b"other", GuestAddress(REQ_ADDR + 40))
-            .unwrap();
-    }));
-    let entry = h.lookup(ROOT, "hello").unwrap();
-    assert_eq!(entry.attr.size, 20, "the request fetched is the one served");
-
-    // The same for a mode: set-user-ID written back after the device removed it.
-    let node = entry.nodeid;
-    h.dev.set_between_fetches(Box::new(|mem: &GuestMem| {
-        let mode_at = REQ_ADDR + 40 + 64;
-        let mode: u32 = mem.read_obj(GuestAddress(mode_at)).unwrap();
-        mem.write_obj(mode | libc::S_ISUID, GuestAddress(mode_at))
-            .unwrap();
-    }));
-    assert_eq!(setattr_mode(&mut h, node, libc::S_IFREG | 0o4755), 0);
-    assert_eq!(mode_of(&dir.0.join("hello")), 0o755);
 }
