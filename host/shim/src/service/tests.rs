@@ -109,6 +109,18 @@ impl Fixture {
         }
     }
 
+    /// Creates the pod sandbox "pod" and the container "app" in it (CRI annotations).
+    async fn create_pod_with_app(&self) {
+        self.service
+            .do_create(&self.create_req("pod", &[(POD, "sandbox")]))
+            .await
+            .unwrap();
+        self.service
+            .do_create(&self.create_req("app", &[(POD, "container"), (POD_SANDBOX, "pod")]))
+            .await
+            .unwrap();
+    }
+
     async fn create(&self, id: &str) -> Result<u32> {
         self.service.do_create(&self.create_req(id, &[])).await
     }
@@ -899,14 +911,7 @@ async fn an_oom_kill_reported_after_the_task_was_deleted_is_published() {
     // Seen in the test host: the task's exit (137) came first, its Delete removed it, and only
     // then did the guest's OOM report arrive. It is still a container of this pod.
     let f = fixture();
-    f.service
-        .do_create(&f.create_req("pod", &[(POD, "sandbox")]))
-        .await
-        .unwrap();
-    f.service
-        .do_create(&f.create_req("app", &[(POD, "container"), (POD_SANDBOX, "pod")]))
-        .await
-        .unwrap();
+    f.create_pod_with_app().await;
     f.start("pod", "").await.unwrap();
     f.start("app", "").await.unwrap();
     f.fake.guest().exit("app", "", 137);
@@ -1004,14 +1009,7 @@ async fn the_pod_vm_is_sized_from_the_sandbox_annotations() {
 #[tokio::test]
 async fn the_pod_vm_stays_until_its_last_container_is_deleted() {
     let f = fixture();
-    f.service
-        .do_create(&f.create_req("pod", &[(POD, "sandbox")]))
-        .await
-        .unwrap();
-    f.service
-        .do_create(&f.create_req("app", &[(POD, "container"), (POD_SANDBOX, "pod")]))
-        .await
-        .unwrap();
+    f.create_pod_with_app().await;
     f.delete("pod", "").await.unwrap();
     assert_eq!(f.fake.launcher.running(), 1, "app still runs in it");
     assert!(!f.fake.guest().destroyed());
