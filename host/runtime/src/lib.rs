@@ -3,7 +3,7 @@
 //! maps errors to exit statuses.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod cgroup;
+pub use husk_sandbox::cgroup;
 pub mod cli;
 pub mod commands;
 pub mod console;

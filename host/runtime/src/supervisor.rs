@@ -258,17 +258,7 @@ pub fn host_cgroup(
     spec: &oci_spec::runtime::Spec,
     systemd: bool,
 ) -> Result<Option<PathBuf>, CgroupError> {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-        .map(|path| {
-            cgroup::resolve(
-                Path::new(cgroup::CGROUP_ROOT),
-                &path.to_string_lossy(),
-                systemd,
-            )
-        })
-        .transpose()
+    cgroup::of_spec(spec, Some(systemd))
 }
 
 /// How `create` starts the supervisor (which reads the rest from [`PREPARED_FILE`]).
@@ -522,10 +512,27 @@ async fn set_up(
     prepared: &Prepared,
     console_socket: Option<&Path>,
 ) -> Result<(Sandbox, HostStdio), SetUpFailure> {
-    if let Some(dir) = &prepared.cgroup {
-        // husk-vmm, started below, inherits it.
-        cgroup::enter(dir).map_err(|e| (e.into(), None))?;
-        tracing::debug!("{id}: in cgroup {}", dir.display());
+    let resources = prepared
+        .bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref());
+    let placement = prepared.cgroup.as_ref().map(|dir| cgroup::Placement {
+        dir: dir.clone(),
+        limits: cgroup::HostLimits::for_vm(
+            prepared.size,
+            resources,
+            prepared.config.vmm.host_memory_mib,
+        ),
+    });
+    if let Some(placement) = &placement {
+        // The supervisor joins the container's cgroup too (engines look for the container's
+        // processes there); husk-vmm, started below, starts in it.
+        cgroup::prepare(Path::new(cgroup::CGROUP_ROOT), placement)
+            .and_then(|()| cgroup::enter(&placement.dir))
+            .map_err(|e| (e.into(), None))?;
+        tracing::debug!("{id}: in cgroup {}", placement.dir.display());
     }
     let started = std::time::Instant::now();
     let hostname = prepared.bundle.spec.hostname().clone().unwrap_or_default();
@@ -538,6 +545,7 @@ async fn set_up(
             hostname,
             paths: prepared.paths.clone(),
             layout: Layout::InDirectory,
+            cgroup: placement,
         },
     )
     .await

@@ -32,6 +32,9 @@ const MIN_CONSOLE_BYTES: u64 = 64 * 1024;
 const MAX_MEMORY_MIB_CEILING: u32 = 1024 * 1024;
 const MIN_MEMORY_MIB_FLOOR: u32 = 32;
 const MAX_OVERHEAD_MIB: u32 = 64 * 1024;
+/// Bounds of `vmm.host_memory_mib`: below 8 MiB husk-vmm itself does not fit.
+const MIN_HOST_MEMORY_MIB: u32 = 8;
+const MAX_HOST_MEMORY_MIB: u32 = 64 * 1024;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,7 @@ struct FileGuest {
 #[serde(deny_unknown_fields, default)]
 struct FileVmm {
     path: Option<PathBuf>,
+    host_memory_mib: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +176,9 @@ pub struct GuestConfig {
 pub struct VmmConfig {
     /// The husk-vmm binary.
     pub path: PathBuf,
+    /// Host memory (MiB) husk-vmm may use beyond the guest's memory: added to it in the
+    /// sandbox's host cgroup `memory.max` (see `crate::cgroup`).
+    pub host_memory_mib: u32,
 }
 
 /// `[vm]`: the size of a microVM when the spec sets no resources.
@@ -218,6 +225,7 @@ pub mod defaults {
     pub const VCPUS: u32 = 1;
     pub const MEMORY_MIB: u32 = 256;
     pub const MEMORY_OVERHEAD_MIB: u32 = 64;
+    pub const HOST_MEMORY_MIB: u32 = 32;
     pub const CONSOLE_LOG_DIR: &str = "/var/log/husk";
     pub const CONSOLE_MAX_BYTES: u64 = 16 * 1024 * 1024;
     pub const MAX_VCPUS: u32 = 16;
@@ -398,6 +406,17 @@ fn resolve(
     let initramfs = absolute("guest.initramfs", file.guest.initramfs)?
         .unwrap_or_else(|| discovery.guest_file(INITRAMFS_FILE, exists));
     let vmm = absolute("vmm.path", file.vmm.path)?.unwrap_or_else(|| discovery.vmm(exists));
+    let host_memory_mib = file
+        .vmm
+        .host_memory_mib
+        .unwrap_or(defaults::HOST_MEMORY_MIB);
+    in_range(
+        "vmm.host_memory_mib",
+        host_memory_mib,
+        MIN_HOST_MEMORY_MIB,
+        MAX_HOST_MEMORY_MIB,
+    )
+    .map_err(|m| invalid("vmm.host_memory_mib", m))?;
     let log_dir = absolute("console.log_dir", file.console.log_dir)?
         .unwrap_or_else(|| PathBuf::from(defaults::CONSOLE_LOG_DIR));
 
@@ -470,7 +489,10 @@ fn resolve(
 
     Ok(Config {
         guest: GuestConfig { kernel, initramfs },
-        vmm: VmmConfig { path: vmm },
+        vmm: VmmConfig {
+            path: vmm,
+            host_memory_mib,
+        },
         vm,
         console: ConsoleConfig {
             log_dir,

@@ -15,6 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
+use crate::cgroup::{self, CgroupError, Placement};
 use crate::guest::{self, GuestError, SharedGuest};
 use crate::process::Recorded;
 
@@ -29,6 +30,9 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// Its host cgroup could not be made or limited.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     /// husk-vmm could not be started.
     #[error("cannot start husk-vmm ({program}): {source}")]
     Spawn {
@@ -49,6 +53,9 @@ pub struct LaunchSpec {
     pub log: PathBuf,
     /// husk-vmm's PID and start time are written here ([`Recorded::to_text`]).
     pub pid_file: PathBuf,
+    /// The host cgroup husk-vmm starts in, made and limited first ([`cgroup::prepare`]);
+    /// `None`: its parent's.
+    pub cgroup: Option<Placement>,
 }
 
 /// Starts VMs.
@@ -105,6 +112,16 @@ impl Launcher for ProcessLauncher {
             .stderr(log_err)
             .kill_on_drop(true);
         die_with_parent(&mut command);
+        if let Some(placement) = &spec.cgroup {
+            cgroup::prepare(Path::new(cgroup::CGROUP_ROOT), placement)?;
+            tracing::debug!(cgroup = %placement.dir.display(), limits = ?placement.limits, "husk-vmm's host cgroup is ready");
+            let procs = placement.dir.join("cgroup.procs");
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(io("open", &procs))?;
+            start_in_cgroup(&mut command, file);
+        }
         let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
             program: spec.program.clone(),
             source,
@@ -147,6 +164,27 @@ fn die_with_parent(command: &mut tokio::process::Command) {
             // The parent died between fork and prctl: do not start an orphan VM.
             if u32::try_from(libc::getppid()).ok() != Some(parent) {
                 return Err(std::io::Error::other("the parent exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes husk-vmm join the cgroup whose `cgroup.procs` is `procs` before it runs, so all of its
+/// memory and threads are accounted there from the start. The file is open with close-on-exec;
+/// the command owns it and closes it in the parent once spawned.
+fn start_in_cgroup(command: &mut tokio::process::Command, procs: std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = procs.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and calls only write(2)
+    // (async-signal-safe) on an fd that `procs`, moved into the closure, keeps open; it
+    // allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep_open = &procs;
+            let pid = b"0";
+            if libc::write(fd, pid.as_ptr().cast(), pid.len()) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

@@ -5,6 +5,7 @@
 //!   bundle, husk's configuration, the VM's size).
 //! - [`paths`]: a sandbox's files, and [`paths::vmm_config`], husk-vmm's typed command line
 //!   ([`husk_vmm_config::VmmConfig`], which husk-vmm itself parses).
+//! - [`cgroup`]: the host cgroup husk-vmm runs in, with its limits.
 //! - [`launch`]: the one place husk-vmm is started ([`launch::ProcessLauncher`]), behind the
 //!   [`launch::Launcher`] trait.
 //! - [`vm`]: [`vm::Sandbox`]: boot (share, launch, agent connection cancelled when the VM dies,
@@ -18,6 +19,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bundle;
+pub mod cgroup;
 pub mod config;
 pub mod fake;
 pub mod files;

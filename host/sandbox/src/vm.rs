@@ -26,6 +26,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::cgroup::{self, Placement};
 use crate::config::Config;
 use crate::files::{self, log_tail};
 use crate::guest::{GuestError, SharedGuest};
@@ -36,6 +37,10 @@ use crate::process::Recorded;
 use crate::share::{self, HostMounter, Mounts, ShareError, SharePlan, GUEST_SHARE_DIR};
 use crate::sizing::VmSize;
 use crate::stall::Watched;
+
+/// The file of an [`Layout::OwnDirectory`] sandbox that records its host cgroup, for the
+/// cleanup after its VMM is gone.
+pub const CGROUP_RECORD: &str = "vmm.cgroup";
 
 /// How long the guest may take from husk-vmm's start to the agent's answer (nested, emulated
 /// hosts are slow).
@@ -56,6 +61,7 @@ pub enum SandboxError {
     Share(#[from] ShareError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+
     #[error("cannot reach husk-agent: {0}")]
     Guest(#[from] GuestError),
     #[error(transparent)]
@@ -131,6 +137,8 @@ pub struct BootSpec<'a> {
     pub hostname: String,
     pub paths: SandboxPaths,
     pub layout: Layout,
+    /// The host cgroup husk-vmm runs in, with its limits (`None`: the caller's cgroup).
+    pub cgroup: Option<Placement>,
 }
 
 /// A running microVM with its agent.
@@ -313,11 +321,24 @@ async fn boot_in(
             .create(dir)
             .map_err(io_err("create the console log directory", dir))?;
     }
+    if let Some(placement) = &spec.cgroup {
+        if spec.layout == Layout::OwnDirectory {
+            // Recorded first, so a cleanup after a crash finds it even if the rest failed.
+            let record = paths.dir.join(CGROUP_RECORD);
+            files::write_atomic(
+                &paths.dir,
+                CGROUP_RECORD,
+                placement.dir.as_os_str().as_encoded_bytes(),
+            )
+            .map_err(io_err("write", &record))?;
+        }
+    }
     let launch = LaunchSpec {
         program: spec.config.vmm.path.clone(),
         config: paths::vmm_config(spec.config, spec.size, paths)?,
         log: paths.vmm_log.clone(),
         pid_file: paths.vmm_pid.clone(),
+        cgroup: spec.cgroup.clone(),
     };
     let started = Instant::now();
     let vmm = launched.insert(host.launcher.launch(&launch)?);
@@ -446,6 +467,7 @@ fn remove_files(host: &Host, paths: &SandboxPaths, layout: Layout) -> Result<(),
         }
     }
     if layout == Layout::OwnDirectory {
+        remove_recorded_cgroup(paths);
         match fs::remove_dir(&paths.dir) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -455,6 +477,32 @@ fn remove_files(host: &Host, paths: &SandboxPaths, layout: Layout) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Removes the host cgroup recorded in the sandbox directory (husk-vmm has exited), then the
+/// record. A record naming anything but a directory under the cgroup root is ignored.
+fn remove_recorded_cgroup(paths: &SandboxPaths) {
+    let record = paths.dir.join(CGROUP_RECORD);
+    let Ok(text) = fs::read(&record) else {
+        return;
+    };
+    let dir =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(text));
+    let root = Path::new(cgroup::CGROUP_ROOT);
+    let safe = dir.strip_prefix(root).is_ok_and(|rest| {
+        rest.components().count() > 0
+            && rest
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    });
+    if !safe {
+        warn!(record = %record.display(), "ignoring a cgroup record outside {}", root.display());
+    } else if let Err(err) = cgroup::remove(&dir) {
+        warn!(%err, "cannot remove the sandbox's host cgroup");
+    }
+    if let Err(err) = files::remove_if_exists(&record) {
+        warn!(path = %record.display(), %err, "cannot remove");
+    }
 }
 
 /// Makes sure the sandbox whose process that ran it is gone (a killed shim or supervisor) has

@@ -36,6 +36,9 @@ pub enum ShimError {
     /// The sandbox's paths cannot be used.
     #[error("sandbox: {0}")]
     Paths(#[from] husk_sandbox::paths::PathError),
+    /// The host cgroup the spec names cannot be used.
+    #[error("host cgroup: {0}")]
+    Cgroup(#[from] husk_sandbox::cgroup::CgroupError),
     /// The sandbox's microVM could not be booted.
     #[error("sandbox: {0}")]
     Sandbox(#[from] husk_sandbox::SandboxError),
@@ -83,6 +86,7 @@ impl ShimError {
             | ShimError::Sizing(_)
             | ShimError::Paths(_)
             | ShimError::Sandbox(husk_sandbox::SandboxError::Paths(_))
+            | ShimError::Cgroup(husk_sandbox::cgroup::CgroupError::Invalid { .. })
             | ShimError::Log(crate::logger::LogError::BadUri { .. }) => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::AlreadyExists(_)

@@ -173,6 +173,65 @@ impl Drop for TempDir {
 /// DAC_READ_SEARCH, FOWNER, SETGID, SETUID), as `/proc/<pid>/status` prints them.
 pub const VMM_FS_CAPABILITIES: &str = "00000000000000cf";
 
+/// `vmm.host_memory_mib`'s default: what husk-vmm may use beyond guest memory in its cgroup.
+pub const VMM_HOST_MEMORY_MIB: u64 = 32;
+
+/// What is wrong with the host cgroup of the running husk-vmm `pid` (empty when nothing is): it
+/// must be in `expected` (as `/proc/PID/cgroup` names it, `/a/b`), with `memory.max` its guest
+/// memory (`--memory-mib`) plus [`VMM_HOST_MEMORY_MIB`], `pids.max` 256 and `cpu.max`
+/// `cpu_max` (`None`: no CPU limit, so `cpu.max` is `max ...` or the cpu controller is not
+/// enabled for it at all). Prints the cgroup's `memory.current` and `memory.peak` (what the VM really uses).
+pub fn vmm_cgroup_problems(pid: u32, expected: &str, cpu_max: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let theirs = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if theirs.trim() != format!("0::{expected}") {
+        problems.push(format!("in cgroup {:?}, not {expected:?}", theirs.trim()));
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // husk-vmm's own definition of its command line.
+    let guest_mib = <husk_vmm_config::VmmConfig as husk_vmm_config::Parser>::try_parse_from(&args)
+        .ok()
+        .map(|c| c.memory_mib);
+    let dir = Path::new("/sys/fs/cgroup").join(expected.trim_start_matches('/'));
+    let read = |file: &str| {
+        fs::read_to_string(dir.join(file))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|e| format!("<{file}: {e}>"))
+    };
+    match guest_mib {
+        Some(mib) => {
+            let want = ((mib + VMM_HOST_MEMORY_MIB) * 1024 * 1024).to_string();
+            if read("memory.max") != want {
+                problems.push(format!("memory.max is {}, not {want}", read("memory.max")));
+            }
+        }
+        None => problems.push(format!("no --memory-mib in {args:?}")),
+    }
+    if read("pids.max") != "256" {
+        problems.push(format!("pids.max is {}, not 256", read("pids.max")));
+    }
+    let cpu = fs::read_to_string(dir.join("cpu.max")).ok();
+    let cpu = cpu.as_deref().map(str::trim);
+    match (cpu_max, cpu) {
+        (Some(want), Some(got)) if got == want => {}
+        (None, None) => {}
+        (None, Some(got)) if got.starts_with("max ") => {}
+        (want, got) => problems.push(format!("cpu.max is {got:?}, not {want:?}")),
+    }
+    eprintln!(
+        "husk-vmm {pid}'s cgroup {expected}: memory.current {} memory.peak {} (guest memory {guest_mib:?} MiB), pids.current {}",
+        read("memory.current"),
+        read("memory.peak"),
+        read("pids.current"),
+    );
+    problems
+}
+
 /// What is wrong with the jail of the running husk-vmm `pid` (empty when nothing is): it must
 /// have no_new_privs, only [`VMM_FS_CAPABILITIES`] (nothing in the bounding, inheritable and
 /// ambient sets), mount, IPC and UTS namespaces of its own, its root as working directory, and a root

@@ -15,7 +15,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_e2e::containerd::{
@@ -271,6 +271,15 @@ fn pod_with_two_containers_sharing_one_vm(line: Line) {
         assert_husk_features_on_containerd_2(&setup);
     }
     let mut pod = cri::pod_config("pod1", "uid-pod1");
+    // The pod's cgroup parent, as kubelet (cgroupfs driver) gives it; containerd names the
+    // sandbox's cgroup `<parent>/<pod id>` in its spec.
+    let cgroup_parent = format!(
+        "/husk-e2e-kubepods-{line:?}-{}/poduid-pod1",
+        std::process::id()
+    );
+    if let Some(linux) = pod.linux.as_mut() {
+        linux.cgroup_parent = cgroup_parent.clone();
+    }
     // The pod's log directory, as kubelet makes it.
     let logs = setup.containerd.dir().join("pod-logs");
     fs::create_dir(&logs).unwrap();
@@ -318,6 +327,11 @@ fn pod_with_two_containers_sharing_one_vm(line: Line) {
         1,
         "one shim for the pod"
     );
+    // The VM runs in the pod sandbox's cgroup, limited to its size (the pod sets no CPU quota).
+    let vmm = setup.containerd.processes("husk-vmm")[0];
+    let sandbox_cgroup = format!("{cgroup_parent}/{pod_id}");
+    let problems = husk_e2e::vmm_cgroup_problems(vmm, &sandbox_cgroup, None);
+    assert!(problems.is_empty(), "husk-vmm's cgroup: {problems:?}");
     // Where this containerd line keeps what the nothing-left check looks at: the shim's socket
     // in /run/containerd/s, the CRI plugin's sandbox and container directories.
     let sockets: Vec<_> = shim_sockets()
@@ -443,6 +457,13 @@ fn pod_with_two_containers_sharing_one_vm(line: Line) {
 
     setup.stop_and_remove(&pod_id);
     setup.assert_nothing_left();
+    // The sandbox's cgroup goes with its VM; the pod's (kubelet's) is left to its owner.
+    let dir = Path::new("/sys/fs/cgroup").join(sandbox_cgroup.trim_start_matches('/'));
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    let kubepods = Path::new("/sys/fs/cgroup").join(cgroup_parent.trim_start_matches('/'));
+    for dir in kubepods.ancestors().take(2) {
+        fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
     // The volume is the host's: it stays, with what the containers wrote.
     assert!(volume.join("a").is_file());
 }

@@ -395,6 +395,7 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     let cgroup_in_spec = cgroup.clone();
     let bundle = husk.bundle("b", &["sh", "-c", script], move |spec| {
         spec["linux"]["cgroupsPath"] = json!(cgroup_in_spec);
+        spec["linux"]["resources"]["cpu"] = json!({"quota": 50000, "period": 100000});
     });
     let (out, stdout_path) = husk.detached(
         "create",
@@ -418,6 +419,9 @@ fn a_running_container_takes_exec_ps_pause_events_and_signals() {
     assert_eq!(vmms.len(), 1, "{vmms:?}");
     let problems = husk_e2e::vmm_jail_problems(vmms[0].pid);
     assert!(problems.is_empty(), "husk-vmm's jail: {problems:?}");
+    // ... in the container's cgroup with the VM's size as limits, and half a CPU as the spec says.
+    let problems = husk_e2e::vmm_cgroup_problems(vmms[0].pid, &cgroup, Some("50000 100000"));
+    assert!(problems.is_empty(), "husk-vmm's cgroup: {problems:?}");
 
     // exec: output, stdin, exit status.
     let out = husk.run(&[

@@ -262,9 +262,13 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     // The CRI plugin's annotations, given by hand: a sandbox, then a container of its pod. The
     // sandbox carries the pod's resources as containerd 1.7+ does (2 CPUs, 384 MiB), which size
     // the VM (the defaults would be 1 vCPU and 256 MiB).
+    // The pod's cgroup, as kubelet's parent and containerd's CRI plugin would name it.
+    let cgroup = format!("/husk-e2e-pods-{line:?}-{}/pod1", std::process::id());
     containerd.ctr_ok(&[
         "run",
         "-d",
+        "--cgroup",
+        &cgroup,
         "--annotation",
         "io.kubernetes.cri.container-type=sandbox",
         "--annotation",
@@ -317,6 +321,9 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     let vmm = containerd.processes("husk-vmm");
     let problems = husk_e2e::vmm_jail_problems(vmm[0]);
     assert!(problems.is_empty(), "husk-vmm's jail: {problems:?}");
+    // The VM runs in the pod sandbox's cgroup, limited to its size and the pod's 2 CPUs.
+    let problems = husk_e2e::vmm_cgroup_problems(vmm[0], &cgroup, Some("200000 100000"));
+    assert!(problems.is_empty(), "husk-vmm's cgroup: {problems:?}");
     let cmdline = fs::read(format!("/proc/{}/cmdline", vmm[0])).unwrap_or_default();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
@@ -369,4 +376,11 @@ fn pod_containers_share_one_vm_by_cri_annotations(line: Line) {
     containerd.ctr_ok(&["task", "delete", "pod1"]);
     containerd.ctr_ok(&["container", "delete", "pod1"]);
     containerd.assert_clean();
+    // The shim removes the sandbox's cgroup with its VM; its parent (kubelet's pod cgroup in a
+    // cluster) is not the shim's.
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'));
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    if let Some(parent) = dir.parent() {
+        fs::remove_dir(parent).unwrap_or_else(|e| panic!("{}: {e}", parent.display()));
+    }
 }

@@ -39,7 +39,7 @@ use husk_sandbox::config::Config;
 use husk_sandbox::id::ContainerId;
 use husk_sandbox::paths::SandboxPaths;
 use husk_sandbox::pump::OUTPUT_DRAIN;
-use husk_sandbox::{bundle, share, sizing, BootSpec, Host, Layout, Sandbox, SharedGuest};
+use husk_sandbox::{bundle, cgroup, share, sizing, BootSpec, Host, Layout, Sandbox, SharedGuest};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -436,6 +436,15 @@ impl Service {
                         .and_then(|l| l.resources().as_ref())
                 });
                 let size = sizing::vm_size(resources, &config)?;
+                // The pod's VM runs in the sandbox container's cgroup, limited to its size.
+                let cgroup = cgroup::of_spec(&bundle.spec, None)?.map(|dir| cgroup::Placement {
+                    dir,
+                    limits: cgroup::HostLimits::for_vm(
+                        size,
+                        resources,
+                        config.vmm.host_memory_mib,
+                    ),
+                });
                 let paths = SandboxPaths::new(&self.inner.settings.state_root, &config, id)?;
                 let vm = Sandbox::boot(
                     &self.inner.settings.host,
@@ -446,6 +455,7 @@ impl Service {
                         hostname: bundle.spec.hostname().clone().unwrap_or_default(),
                         paths,
                         layout: Layout::OwnDirectory,
+                        cgroup,
                     },
                 )
                 .await?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use containerd_shim::protos::protobuf::MessageFull;
+use husk_sandbox::cgroup::HostLimits;
 use husk_sandbox::config::{self, Discovery};
 use husk_sandbox::fake::FakeHost;
 
@@ -86,10 +87,20 @@ fn fixture() -> Fixture {
 impl Fixture {
     /// A bundle named `name` with `annotations` (and hostname `h-<name>`).
     fn bundle(&self, name: &str, annotations: &[(&str, &str)]) -> PathBuf {
+        self.bundle_with_linux(name, annotations, serde_json::Value::Null)
+    }
+
+    /// A bundle named `name` with `annotations` and, unless null, `linux` as its `linux`.
+    fn bundle_with_linux(
+        &self,
+        name: &str,
+        annotations: &[(&str, &str)],
+        linux: serde_json::Value,
+    ) -> PathBuf {
         let dir = self.dir.path().join("bundles").join(name);
         std::fs::create_dir_all(dir.join("rootfs")).unwrap();
         let annotations: HashMap<&str, &str> = annotations.iter().copied().collect();
-        let spec = serde_json::json!({
+        let mut spec = serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},
             "hostname": format!("h-{name}"),
@@ -97,8 +108,30 @@ impl Fixture {
             "hooks": {"prestart": [{"path": "/bin/true"}]},
             "annotations": annotations,
         });
+        if !linux.is_null() {
+            spec["linux"] = linux;
+        }
         std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
         dir
+    }
+
+    /// Creates the pod sandbox "pod" whose spec names `cgroups_path`, with `annotations`.
+    async fn create_pod_in_cgroup(
+        &self,
+        cgroups_path: &str,
+        annotations: &[(&str, &str)],
+    ) -> Result<u32> {
+        let mut all = vec![(POD, "sandbox")];
+        all.extend_from_slice(annotations);
+        let linux = serde_json::json!({ "cgroupsPath": cgroups_path });
+        let bundle = self.bundle_with_linux("pod", &all, linux);
+        self.service
+            .do_create(&api::CreateTaskRequest {
+                id: "pod".into(),
+                bundle: bundle.to_string_lossy().into_owned(),
+                ..Default::default()
+            })
+            .await
     }
 
     fn create_req(&self, id: &str, annotations: &[(&str, &str)]) -> api::CreateTaskRequest {
@@ -1110,4 +1143,107 @@ async fn topics_are_containerds() {
             topics::TASK_DELETE_EVENT_TOPIC,
         ]
     );
+}
+
+// --- The pod's host cgroup -------------------------------------------------------------------
+
+/// A cgroup path no host has, so nothing real is made or removed by these tests (the fake
+/// launcher does not touch cgroups; the sandbox's cleanup finds nothing to remove).
+fn unit_cgroup() -> String {
+    format!("/husk-unit-{}/pod", std::process::id())
+}
+
+#[tokio::test]
+async fn the_pod_vm_starts_in_the_sandbox_cgroup_with_its_size_as_limits() {
+    let f = fixture();
+    f.create_pod_in_cgroup(
+        &unit_cgroup(),
+        &[
+            ("io.kubernetes.cri.sandbox-memory", "268435456"),
+            ("io.kubernetes.cri.sandbox-cpu-quota", "150000"),
+            ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
+        ],
+    )
+    .await
+    .unwrap();
+    let launched = &f.fake.launcher.launched()[0];
+    let placement = launched.cgroup.clone().expect("a host cgroup");
+    assert_eq!(
+        placement.dir,
+        Path::new("/sys/fs/cgroup").join(unit_cgroup().trim_start_matches('/'))
+    );
+    let guest_mib = launched.config.memory_mib;
+    assert!(guest_mib >= 256, "{guest_mib}");
+    assert_eq!(
+        placement.limits,
+        HostLimits {
+            memory_max: (guest_mib + 32) * 1024 * 1024,
+            pids_max: husk_sandbox::cgroup::PIDS_MAX,
+            cpu_max: Some((150_000, 100_000)),
+        }
+    );
+    assert_eq!(launched.config.vcpus, 2, "1.5 CPUs round up to 2 vCPUs");
+    // Recorded for the cleanup after a crash, and gone with the sandbox.
+    let record = f.sandbox_dir("pod").join(husk_sandbox::vm::CGROUP_RECORD);
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        placement.dir.to_string_lossy()
+    );
+    f.delete("pod", "").await.unwrap();
+    assert!(!f.sandbox_dir("pod").exists());
+}
+
+#[tokio::test]
+async fn a_pod_without_a_cpu_quota_gets_no_cpu_max() {
+    let f = fixture();
+    f.create_pod_in_cgroup(&unit_cgroup(), &[]).await.unwrap();
+    let launched = &f.fake.launcher.launched()[0];
+    let limits = launched.cgroup.clone().unwrap().limits;
+    assert_eq!(limits.cpu_max, None);
+    assert_eq!(
+        limits.memory_max,
+        (launched.config.memory_mib + 32) * 1024 * 1024
+    );
+}
+
+#[tokio::test]
+async fn a_systemd_cgroups_path_from_cri_names_the_scope_in_its_slices() {
+    let f = fixture();
+    f.create_pod_in_cgroup("kubepods-besteffort-pod12.slice:cri-containerd:pod", &[])
+        .await
+        .unwrap();
+    let dir = f.fake.launcher.launched()[0].cgroup.clone().unwrap().dir;
+    assert_eq!(
+        dir,
+        Path::new(
+            "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod12.slice/cri-containerd-pod.scope"
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_cgroups_path_out_of_the_root_is_an_invalid_argument_and_boots_nothing() {
+    let f = fixture();
+    for path in ["/a/../../etc", "/", "x.slice:p:../n"] {
+        let err = f.create_pod_in_cgroup(path, &[]).await.unwrap_err();
+        assert_eq!(
+            code(err),
+            containerd_shim::protos::ttrpc::Code::INVALID_ARGUMENT,
+            "{path}"
+        );
+    }
+    assert!(f.fake.launcher.launched().is_empty());
+    assert!(!f.sandbox_dir("pod").exists());
+}
+
+#[tokio::test]
+async fn a_spec_without_cgroups_path_leaves_the_vmm_where_the_shim_is() {
+    let f = fixture();
+    f.create("solo").await.unwrap();
+    assert_eq!(f.fake.launcher.launched()[0].cgroup, None);
+    assert!(!f
+        .sandbox_dir("solo")
+        .join(husk_sandbox::vm::CGROUP_RECORD)
+        .exists());
 }
