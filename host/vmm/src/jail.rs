@@ -3,7 +3,9 @@
 //! directory's root, the vsock listener), so from there on it needs almost nothing of the host.
 //!
 //! In order (each step needs the privileges the later ones drop):
-//! 1. new mount, IPC and UTS namespaces; every mount made private, so nothing propagates back;
+//! 1. new mount, IPC, UTS and network namespaces (the network one holds only a loopback device
+//!    that is down: husk-vmm's sockets are Unix sockets bound by path, which cross network
+//!    namespaces); every mount made private, so nothing propagates back;
 //! 2. a new root: an empty, read-only tmpfs holding only the directory of the vsock socket, bound
 //!    at its own path (nosuid, nodev, noexec; writable, for the socket's removal on exit and the
 //!    listeners of guest-initiated connections), entered with `pivot_root`; the host's root is
@@ -124,9 +126,14 @@ impl Jail {
         // SAFETY: no file-descriptor table is unshared (no CLONE_FILES), and the process has one
         // thread (unshare(CLONE_NEWNS) fails otherwise), so no thread can observe a change.
         unsafe {
-            unshare_unsafe(UnshareFlags::NEWNS | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS)
+            unshare_unsafe(
+                UnshareFlags::NEWNS
+                    | UnshareFlags::NEWIPC
+                    | UnshareFlags::NEWUTS
+                    | UnshareFlags::NEWNET,
+            )
         }
-        .map_err(sys("unshare(mount, IPC and UTS namespaces)"))?;
+        .map_err(sys("unshare(mount, IPC, UTS and network namespaces)"))?;
         mount_change(
             "/",
             MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,

@@ -125,7 +125,7 @@ fn assert_jailed(vm: &Running, caps: &str) {
     for set in ["CapEff", "CapPrm"] {
         assert_eq!(status_field(pid, set).as_deref(), Some(caps), "{set}");
     }
-    for ns in ["mnt", "ipc", "uts"] {
+    for ns in ["mnt", "ipc", "uts", "net"] {
         assert_ne!(
             link(&format!("/proc/{pid}/ns/{ns}")),
             link(&format!("/proc/self/ns/{ns}")),
