@@ -3,7 +3,7 @@
 //! Both front ends place husk-vmm in a cgroup: the OCI runtime in the one `linux.cgroupsPath`
 //! names (its supervisor joins it too), the shim in the pod sandbox's (the sandbox container's
 //! `linux.cgroupsPath`, as containerd's CRI plugin derives it from the pod's cgroup parent).
-//! husk-vmm starts inside it (it joins between fork and exec, so none of its memory is charged
+//! husk-vmm starts inside it (`clone3` with `CLONE_INTO_CGROUP`, so none of its memory is charged
 //! elsewhere), and [`HostLimits`] are written first:
 //!
 //! - `memory.max`: the guest's memory plus `vmm.host_memory_mib` (husk-vmm's own code, data and

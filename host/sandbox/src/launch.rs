@@ -4,20 +4,22 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use husk_vmm_config::VmmConfig;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use std::os::fd::OwnedFd;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, Placement};
 use crate::guest::{self, GuestError, SharedGuest};
 use crate::process::Recorded;
+use crate::spawn::{self, SpawnSpec};
 
 /// Errors starting husk-vmm.
 #[derive(Debug, thiserror::Error)]
@@ -104,39 +106,51 @@ impl Launcher for ProcessLauncher {
             .open(&spec.log)
             .map_err(io("create", &spec.log))?;
         let log_err = log.try_clone().map_err(io("duplicate", &spec.log))?;
-        let mut command = tokio::process::Command::new(&spec.program);
-        command
-            .args(spec.config.to_args())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(true);
-        die_with_parent(&mut command);
-        if let Some(placement) = &spec.cgroup {
-            cgroup::prepare(Path::new(cgroup::CGROUP_ROOT), placement)?;
-            tracing::debug!(cgroup = %placement.dir.display(), limits = ?placement.limits, "husk-vmm's host cgroup is ready");
-            let procs = placement.dir.join("cgroup.procs");
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(io("open", &procs))?;
-            start_in_cgroup(&mut command, file);
-        }
-        let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
+        let cgroup = match &spec.cgroup {
+            Some(placement) => {
+                cgroup::prepare(Path::new(cgroup::CGROUP_ROOT), placement)?;
+                tracing::debug!(cgroup = %placement.dir.display(), limits = ?placement.limits, "husk-vmm's host cgroup is ready");
+                let dir = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY)
+                    .open(&placement.dir)
+                    .map_err(io("open", &placement.dir))?;
+                Some(dir)
+            }
+            None => None,
+        };
+        let args = spec.config.to_args();
+        let spawned = spawn::spawn(&SpawnSpec {
+            program: &spec.program,
+            args: &args,
+            stdout: &log,
+            stderr: &log_err,
+            cgroup: cgroup.as_ref(),
+        })
+        .map_err(|source| LaunchError::Spawn {
             program: spec.program.clone(),
             source,
         })?;
-        let pid = child.id().unwrap_or(0);
+        let pid = spawned.pid;
         let record = Recorded::of(i32::try_from(pid).unwrap_or(0));
+        let pidfd = Arc::new(spawned.pidfd);
         let (exit_tx, exit_rx) = watch::channel(None);
+        let waited = pidfd.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            // Killed if this task is dropped before husk-vmm exited (the runtime shutting down).
+            let guard = KillOnDrop(Some(waited.clone()));
+            let status = match wait_exit(waited).await {
                 Ok(status) => status.to_string(),
                 Err(err) => format!("wait failed: {err}"),
             };
+            std::mem::forget(guard);
             let _ = exit_tx.send(Some(status));
         });
-        let vmm = ProcessVmm { pid, exit: exit_rx };
+        let vmm = ProcessVmm {
+            pid,
+            pidfd,
+            exit: exit_rx,
+        };
         let dir = spec.pid_file.parent().unwrap_or(Path::new("/"));
         let name = spec
             .pid_file
@@ -149,51 +163,33 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-/// Makes husk-vmm receive SIGKILL when the process that started it dies (killed, crashed), so
-/// no VM outlives its shim or supervisor. The kernel sends it when the spawning thread ends: for
-/// the shim a worker thread of its tokio runtime, which lives as long as the shim.
-fn die_with_parent(command: &mut tokio::process::Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
-    // getppid (async-signal-safe) on integers; it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died between fork and prctl: do not start an orphan VM.
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                return Err(std::io::Error::other("the parent exited"));
-            }
-            Ok(())
-        });
+/// Sends SIGKILL through the pidfd when dropped (unless forgotten).
+struct KillOnDrop(Option<Arc<OwnedFd>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pidfd) = self.0.take() {
+            let _ = spawn::send_signal(&pidfd, libc::SIGKILL);
+        }
     }
 }
 
-/// Makes husk-vmm join the cgroup whose `cgroup.procs` is `procs` before it runs, so all of its
-/// memory and threads are accounted there from the start. The file is open with close-on-exec;
-/// the command owns it and closes it in the parent once spawned.
-fn start_in_cgroup(command: &mut tokio::process::Command, procs: std::fs::File) {
-    use std::os::fd::AsRawFd;
-    let fd = procs.as_raw_fd();
-    // SAFETY: the closure runs in the child between fork and exec and calls only write(2)
-    // (async-signal-safe) on an fd that `procs`, moved into the closure, keeps open; it
-    // allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            let _keep_open = &procs;
-            let pid = b"0";
-            if libc::write(fd, pid.as_ptr().cast(), pid.len()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+/// Waits until the process of `pidfd` exits (its pidfd becomes readable), then reaps it.
+async fn wait_exit(pidfd: Arc<OwnedFd>) -> std::io::Result<std::process::ExitStatus> {
+    // SAFETY: the Arc keeps the pidfd open, and always the same descriptor, for as long as the
+    // AsyncFd (which holds a clone of it) lives.
+    let ready = unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let _ = ready.readable().await?;
+    tokio::task::spawn_blocking(move || spawn::wait(&pidfd))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// A husk-vmm child process.
 struct ProcessVmm {
     pid: u32,
+    pidfd: Arc<OwnedFd>,
     exit: watch::Receiver<Option<String>>,
 }
 
@@ -218,12 +214,10 @@ impl Vmm for ProcessVmm {
     }
 
     fn signal(&self, signal: Signal) {
-        // Our own child is not reaped before `exit` is set, so the PID cannot be reused yet.
+        // Through the pidfd: this very process, even if its PID were reused after it exited.
         if self.exit.borrow().is_some() {
             return;
         }
-        if let Some(pid) = i32::try_from(self.pid).ok().filter(|p| *p > 0) {
-            let _ = kill(Pid::from_raw(pid), signal);
-        }
+        let _ = spawn::send_signal(&self.pidfd, signal as i32);
     }
 }

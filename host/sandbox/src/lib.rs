@@ -6,7 +6,8 @@
 //! - [`paths`]: a sandbox's files, and [`paths::vmm_config`], husk-vmm's typed command line
 //!   ([`husk_vmm_config::VmmConfig`], which husk-vmm itself parses).
 //! - [`cgroup`]: the host cgroup husk-vmm runs in, with its limits.
-//! - [`launch`]: the one place husk-vmm is started ([`launch::ProcessLauncher`]), behind the
+//! - [`launch`]: the one place husk-vmm is started (through [`spawn`]: its own PID namespace,
+//!   its cgroup, a pidfd) ([`launch::ProcessLauncher`]), behind the
 //!   [`launch::Launcher`] trait.
 //! - [`vm`]: [`vm::Sandbox`]: boot (share, launch, agent connection cancelled when the VM dies,
 //!   `CreateSandbox`), watch, shutdown (`DestroySandbox`, SIGTERM/SIGKILL) and cleanup.
@@ -33,6 +34,7 @@ pub mod process;
 pub mod pump;
 pub mod share;
 pub mod sizing;
+pub mod spawn;
 pub mod stall;
 pub mod vm;
 pub mod vsock;

@@ -234,7 +234,8 @@ pub fn vmm_cgroup_problems(pid: u32, expected: &str, cpu_max: Option<&str>) -> V
 
 /// What is wrong with the jail of the running husk-vmm `pid` (empty when nothing is): it must
 /// have no_new_privs, only [`VMM_FS_CAPABILITIES`] (nothing in the bounding, inheritable and
-/// ambient sets), mount, IPC, UTS and network namespaces of its own, its root as working directory, and a root
+/// ambient sets), mount, IPC, UTS, network and PID namespaces of its own (the PID one from the
+/// launcher), its root as working directory, and a root
 /// holding no host `/etc`, `/dev`, `/proc` or `/usr`.
 pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
     let mut problems = Vec::new();
@@ -259,7 +260,7 @@ pub fn vmm_jail_problems(pid: u32) -> Vec<String> {
     for set in ["CapEff", "CapPrm"] {
         expect(set, VMM_FS_CAPABILITIES);
     }
-    for ns in ["mnt", "ipc", "uts", "net"] {
+    for ns in ["mnt", "ipc", "uts", "net", "pid"] {
         let theirs = fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
         if theirs.is_none() || theirs == fs::read_link(format!("/proc/self/ns/{ns}")).ok() {
             problems.push(format!("no {ns} namespace of its own ({theirs:?})"));
