@@ -472,3 +472,147 @@ fn virtio_fs_share_is_read_and_written_and_symlinks_stay_inside() {
         );
     }
 }
+
+/// What the hostile guest (`echo.attack`, host/vmm/tests/fixtures/vsock-echo/src/attack.rs)
+/// reported for `what`: `ok` or `error <errno>`.
+fn attack_result<'a>(console: &'a str, what: &str) -> &'a str {
+    let prefix = format!("vsock-echo: attack: {what} ");
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {what:?} result; console:\n{console}"))
+}
+
+/// The paths of the mount table under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A share built as the sandbox core builds it (a host-only staging tree, its read-only view
+/// exported, the container's rootfs bound writable at `c1/rootfs` and a volume read-only at
+/// `c1/mounts/1`), served to a guest that, as its root, tries to replace the container's
+/// directory with a symlink, make a later container's or volume's mount point, write into and
+/// move the read-only volume, and plant a symlink to /etc. Then the teardown of a task delete and of the sandbox runs: nothing outside
+/// the share changes, nothing stays mounted, the volumes keep their files. Needs root (mounts).
+#[test]
+fn a_hostile_guest_cannot_steer_the_share_or_its_teardown() {
+    use husk_sandbox::share::{self, Bind, HostMounter, ShareDirs, SharePlan};
+    require_real_kvm();
+    let dir = Scratch::new("attack");
+    let (rootfs, data, outside) = (
+        dir.0.join("rootfs-src"),
+        dir.0.join("data-src"),
+        dir.0.join("outside"),
+    );
+    for d in [&rootfs, &data, &outside.join("emptydir")] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(rootfs.join("keep"), "container data\n").expect("keep");
+    std::fs::write(data.join("ro"), "read-only volume\n").expect("ro");
+    std::fs::write(outside.join("empty"), "").expect("empty");
+    let (staging, shared) = (dir.0.join("staging"), dir.0.join("shared"));
+    let dirs = ShareDirs {
+        host: &staging,
+        guest: &shared,
+    };
+    share::create_share(dirs, &HostMounter).expect("create the share");
+    let plan = SharePlan {
+        binds: vec![
+            Bind {
+                source: rootfs.clone(),
+                target: "c1/rootfs".into(),
+                readonly: false,
+                recursive: true,
+                is_dir: true,
+            },
+            Bind {
+                source: data.clone(),
+                target: "c1/mounts/1".into(),
+                readonly: true,
+                recursive: false,
+                is_dir: true,
+            },
+        ],
+        guest_spec: Default::default(),
+        guest_rootfs: "/run/husk/shared/c1/rootfs".into(),
+    };
+    share::bind_all(dirs, &plan, &HostMounter).expect("bind the container");
+
+    let fs_arg = format!("{},tag=husk-test", shared.display());
+    let mut vmm = Vmm::start(
+        &dir.0,
+        &guest_file("vmlinux"),
+        &echo_image(),
+        &[
+            "--memory-mib",
+            "256",
+            "--fs",
+            &fs_arg,
+            "--cmdline",
+            "echo.attack=husk-test",
+        ],
+    );
+    let status = vmm.wait_exit(BOOT_TIMEOUT);
+    let console = vmm.console_text();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stderr: {}\nconsole:\n{console}",
+        vmm.stderr()
+    );
+    assert!(
+        console.contains("vsock-echo: attack: done"),
+        "console:\n{console}"
+    );
+    // The share's own tree is read-only to the guest (EROFS): no symlink or directory of its
+    // own where the host mounts, binds and deletes.
+    for what in [
+        "rename-c1",
+        "symlink-at-top",
+        "mkdir-c2",
+        "mkdir-volume",
+        "write-ro-volume",
+        "move-ro-volume",
+    ] {
+        assert_eq!(attack_result(&console, what), "error 30", "{what}");
+    }
+    // Inside the writable rootfs the guest writes as it likes: that is the container's data.
+    assert_eq!(attack_result(&console, "symlink-in-rootfs"), "ok");
+    assert_eq!(attack_result(&console, "write-rootfs"), "ok");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("from-guest")).expect("from-guest"),
+        "guest data\n"
+    );
+    assert!(!data.join("planted").exists());
+    for planted in ["c2", "c1-link", "c1-away", "c1/mounts/2", "c1/mounts/away"] {
+        assert!(!staging.join(planted).exists(), "{planted}");
+    }
+
+    // The teardown of a task delete, then of the sandbox.
+    let info = || share::read_mountinfo();
+    share::remove_container(dirs, "c1", &HostMounter, &info).expect("remove the container");
+    share::remove_share(dirs, &HostMounter, &info).expect("remove the share");
+    assert_eq!(mounts_under(&dir.0), Vec::<String>::new(), "still mounted");
+    assert!(!staging.exists() && !shared.exists());
+    // What the binds showed is intact, and so is everything outside the share.
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("keep")).expect("keep"),
+        "container data\n"
+    );
+    assert_eq!(
+        std::fs::read_link(rootfs.join("etc-link")).expect("etc-link"),
+        Path::new("/etc")
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("ro")).expect("ro"),
+        "read-only volume\n"
+    );
+    assert!(outside.join("empty").is_file() && outside.join("emptydir").is_dir());
+    assert!(Path::new("/etc/passwd").is_file());
+}
