@@ -61,7 +61,23 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn tempdir() -> PathBuf {
+    /// A scratch root with an `etc` directory, removed with everything in it on drop.
+    struct Root(PathBuf);
+
+    impl std::ops::Deref for Root {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Root {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tempdir() -> Root {
         let d = std::env::temp_dir().join(format!(
             "husk-rootpath-{}-{:?}",
             std::process::id(),
@@ -69,7 +85,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("etc")).expect("mkdir");
-        d
+        Root(d)
     }
 
     #[test]

@@ -364,6 +364,10 @@ fn a_fatal_agent_error_is_printed_and_ends_the_vm_with_a_failure() {
     // The kernel prints to the same serial port on its own (this guest boots without `quiet`):
     // its lines can land inside the agent's, so they are taken out before looking.
     let agent_text = without_kernel_lines(&console);
+    // Reset by the test host before the agent ran at all: said in a signature's words (retried).
+    if let Some(reset) = husk_e2e::reset_before_init(status, &agent_text, &console, "husk-agent:") {
+        panic!("{reset}\nconsole:\n{console}");
+    }
     assert!(
         agent_text.contains("husk-agent: fatal: husk.agent_port=\"nonsense\" is not a port number"),
         "console:\n{console}"

@@ -103,6 +103,8 @@ impl Drop for Scratch {
 struct Vmm {
     child: Child,
     console: PathBuf,
+    /// husk-vmm's stderr once read ([`Vmm::stderr`]).
+    stderr_text: String,
 }
 
 impl Vmm {
@@ -120,7 +122,11 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn husk-vmm");
-        Vmm { child, console }
+        Vmm {
+            child,
+            console,
+            stderr_text: String::new(),
+        }
     }
 
     fn console_text(&self) -> String {
@@ -152,10 +158,26 @@ impl Vmm {
         );
     }
 
+    /// husk-vmm's exit status. A guest reset by the test host before its init (the agent or the
+    /// echo image) said a word is reported in a signature's words (tests/e2e/src/lib.rs
+    /// `reset_before_init`, retried), not left to the test's own assertions.
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let console = self.console_text();
+                // The two images' inits: the agent (whose marker the one test booting it waits
+                // for first) and the echo image.
+                let init_word = if console.contains("husk-agent:") {
+                    "husk-agent:"
+                } else {
+                    "vsock-echo:"
+                };
+                let log = self.stderr();
+                if let Some(reset) = husk_e2e::reset_before_init(status, &console, &log, init_word)
+                {
+                    panic!("{reset}\nstderr:\n{log}\nconsole:\n{console}");
+                }
                 return status;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -166,12 +188,14 @@ impl Vmm {
         );
     }
 
+    /// Everything husk-vmm wrote to stderr; read once at its end and kept.
     fn stderr(&mut self) -> String {
-        let mut s = String::new();
         if let Some(mut e) = self.child.stderr.take() {
+            let mut s = String::new();
             let _ = e.read_to_string(&mut s);
+            self.stderr_text = s;
         }
-        s
+        self.stderr_text.clone()
     }
 
     fn signal(&self, sig: libc::c_int) {
