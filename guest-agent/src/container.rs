@@ -149,6 +149,9 @@ pub struct Manager {
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    /// Where OOM kills are queued for GetOOMEvent (by the poll loop, and by the last look taken
+    /// when a container's process ends or the container is removed).
+    oom_tx: mpsc::Sender<String>,
     sandbox_storages: Mutex<Vec<PathBuf>>,
 }
 
@@ -368,6 +371,7 @@ impl Manager {
             reaper,
             containers: Mutex::new(HashMap::new()),
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            oom_tx,
             sandbox_storages: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&m);
@@ -376,21 +380,37 @@ impl Manager {
                 tokio::time::sleep(OOM_POLL).await;
                 let Some(m) = weak.upgrade() else { return };
                 for c in m.all() {
-                    let kills = cgroup::oom_kills(&c.cgroup_dir);
-                    let Ok(mut seen) = c.oom_seen.lock() else {
-                        continue;
-                    };
-                    if kills > *seen {
-                        *seen = kills;
-                        tracing::info!(container = %c.id, "OOM kill");
-                        if oom_tx.try_send(c.id.clone()).is_err() {
-                            tracing::warn!(container = %c.id, "OOM event queue full; event dropped");
-                        }
-                    }
+                    m.note_oom_kills(&c);
                 }
             }
         });
         m
+    }
+
+    /// Queues an OOM event for `c` if its cgroup counts OOM kills not yet reported. The poll
+    /// loop calls it every [`OOM_POLL`]; a process's end and the container's removal call it
+    /// too, so a kill that ends the container between two polls is still reported (its cgroup,
+    /// and with it the count, is gone after RemoveContainer).
+    fn note_oom_kills(&self, c: &Container) {
+        let kills = cgroup::oom_kills(&c.cgroup_dir);
+        let Ok(mut seen) = c.oom_seen.lock() else {
+            return;
+        };
+        if kills > *seen {
+            *seen = kills;
+            tracing::info!(container = %c.id, "OOM kill");
+            if self.oom_tx.try_send(c.id.clone()).is_err() {
+                tracing::warn!(container = %c.id, "OOM event queue full; event dropped");
+            }
+        }
+    }
+
+    /// The last look at a container's OOM kills, once one of its processes ended: before its
+    /// exit is reported, so the event is queued before the shim hears of the exit.
+    pub fn note_oom_kills_of(&self, id: &str) {
+        if let Ok(c) = self.get(id) {
+            self.note_oom_kills(&c);
+        }
     }
 
     fn all(&self) -> Vec<Arc<Container>> {
@@ -928,6 +948,7 @@ impl Manager {
             pending.start = None;
             pending.sync = None;
         }
+        self.note_oom_kills(&c);
         cgroup::destroy(&c.cgroup_dir).await?;
         if c.init.exited().is_none() {
             kill(c.init.pid, libc::SIGKILL);

@@ -282,6 +282,7 @@ impl Agent for Service {
             .process(&req.container_id, &req.exec_id)
             .map_err(|e| to_ttrpc("WaitProcess", e))?;
         let exit = p.wait().await.map_err(|e| to_ttrpc("WaitProcess", e))?;
+        self.manager.note_oom_kills_of(&req.container_id);
         Ok(WaitProcessResponse {
             exit_code: exit.code,
             signal: exit.signal,
