@@ -31,11 +31,11 @@
 /^e2e: THE TEST HOST FAILED/ { cut += oks; oks = 0 }
 # The panics' digest: a panic's line, then its message's lines up to libtest's next section.
 /^---- .* std(out|err) ----$/ || /^failures:$/ || /^test / { take = 0 }
-take > 0 && $0 !~ /^thread '.*' panicked at / && $0 != "" {
+take > 0 && $0 !~ /^thread '[^']*'( \([0-9]+\))? panicked at / && $0 != "" {
     digest[panics] = digest[panics] "\n      " substr($0, 1, 240)
     take--
 }
-/^thread '.*' panicked at / {
+/^thread '[^']*'( \([0-9]+\))? panicked at / {
     take = 0
     if (panics < 20) {
         panics++
